@@ -1,0 +1,215 @@
+"""Full-resolution inference and scoring: a blended sliding window over images of any size, colour
+masks and overlays, and per-class IoU / mIoU / pixel accuracy against dense masks.
+
+    python predict.py --ckpt RUN/ckpt.pt IMAGE_OR_FOLDER... --out DIR
+    python predict.py --ckpt RUN/ckpt.pt --data ROOT --tiles 7 --out DIR
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from model import load_checkpoint, pick_device, pick_dtype, to_input
+
+WINDOW = 1024  # largest window side; windows get smaller to fit the image with little waste
+OVERLAP = 64  # pixels shared by neighbouring windows, where their logits are blended
+STRIDE = 32  # the encoder's total stride: windows start on its grid, as in a whole-image pass
+
+
+def window_starts(size, window, overlap):
+    """-> (starts, side): the fewest windows of one side (a multiple of STRIDE, at most
+    `window`) that cover [0, size) overlapping by `overlap`, starting at multiples of STRIDE."""
+    n = 1 if size <= window else math.ceil((size - overlap) / (window - overlap))
+    side = math.ceil(math.ceil((size + (n - 1) * overlap) / n) / STRIDE) * STRIDE
+    return [i * (side - overlap) for i in range(n)], side
+
+
+def ramp(side, overlap, device):
+    """Blending weight along one side of a window: rises over the overlap from near 0 to 1, so a
+    window's edge, where it sees least context, counts least."""
+    i = torch.arange(side, device=device, dtype=torch.float32)
+    return torch.minimum((i + 0.5) / overlap, (side - i - 0.5) / overlap).clamp(max=1)
+
+
+@torch.no_grad()
+def sliding_window(model, image, mean, std, dtype, window=WINDOW, overlap=OVERLAP):
+    """Yield the logits of an (H, W, 3) uint8 image in horizontal bands, top to bottom:
+    (C, rows, W) float32 on the model's device. Only one band of windows is held at a time, so
+    memory is bounded by the window and the image width, not by the image."""
+    device = next(model.parameters()).device
+    h, w = image.shape[:2]
+    ys, wh = window_starts(h, window, overlap)
+    xs, ww = window_starts(w, window, overlap)
+    weight = ramp(wh, overlap, device)[:, None] * ramp(ww, overlap, device)[None, :]  # (wh, ww)
+    width = xs[-1] + ww
+    carry = None  # sums for rows that the next band of windows covers too
+    for k, y in enumerate(ys):
+        acc = torch.zeros(model.head.out_channels, wh, width, device=device)  # sum of weight * logits
+        wsum = torch.zeros(wh, width, device=device)  # sum of weights
+        if carry is not None:
+            acc[:, : carry[1].shape[0]] += carry[0]
+            wsum[: carry[1].shape[0]] += carry[1]
+        for x in xs:
+            tile = image[y : y + wh, x : x + ww]
+            if tile.shape[:2] != (wh, ww):  # past the image's bottom or right edge: mirror it
+                tile = np.pad(tile, ((0, wh - tile.shape[0]), (0, ww - tile.shape[1]), (0, 0)), mode="symmetric")
+            batch = to_input(torch.from_numpy(np.ascontiguousarray(tile))[None].to(device), mean, std)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(batch)[0].float()  # (C, wh, ww)
+            acc[:, :, x : x + ww] += logits * weight
+            wsum[:, x : x + ww] += weight
+        done = ys[k + 1] - y if k + 1 < len(ys) else wh  # rows no later window touches
+        yield (acc[:, : min(done, h - y), :w] / wsum[: min(done, h - y), :w])
+        carry = (acc[:, done:], wsum[done:])
+
+
+def predict_mask(model, image, mean, std, dtype, window=WINDOW):
+    """(H, W, 3) uint8 image -> (H, W) uint8 class map."""
+    bands = sliding_window(model, image, mean, std, dtype, window)
+    # max(0).indices is the argmax, computed several times faster than argmax(0) on CPU
+    return torch.cat([b.max(0).indices.to(torch.uint8).cpu() for b in bands]).numpy()
+
+
+def confusion(truth, pred, num_classes):
+    """Confusion matrix, rows = truth, columns = prediction, over pixels whose truth has a class."""
+    keep = truth != data.IGNORE
+    idx = truth[keep].astype(np.int64) * num_classes + pred[keep]
+    return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def scores(conf, names):
+    """Per-class IoU, their mean and pixel accuracy. A class absent from both truth and
+    prediction has no IoU (None) and stays out of the mean."""
+    tp = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = {n: (float(t / u) if u else None) for n, t, u in zip(names, tp, union)}
+    present = [v for v in iou.values() if v is not None]
+    return {
+        "miou": float(np.mean(present)) if present else 0.0,
+        "iou": iou,
+        "pixel_acc": float(tp.sum() / max(conf.sum(), 1)),
+        "confusion": conf.tolist(),
+    }
+
+
+def colourize(classes, colours):
+    """(H, W) class map -> palette image in the data set's colours (IGNORE shows black)."""
+    im = Image.fromarray(classes, mode="P")
+    im.putpalette([v for c in colours for v in c] + [0, 0, 0] * (256 - len(colours)))
+    return im
+
+
+def side_by_side(image, pred, truth, colours, height=512):
+    """image | prediction | truth | errors (red: wrong, white: right, black: no class), scaled."""
+    errors = np.full(truth.shape + (3,), 255, np.uint8)
+    errors[pred != truth] = (220, 30, 30)
+    errors[truth == data.IGNORE] = 0
+    panels = [Image.fromarray(image), colourize(pred, colours), colourize(truth, colours), Image.fromarray(errors)]
+    w = round(image.shape[1] * height / image.shape[0])
+    sheet = Image.new("RGB", (4 * w + 30, height), "white")
+    for i, p in enumerate(panels):
+        sheet.paste(p.convert("RGB").resize((w, height), Image.NEAREST if i else Image.BILINEAR), (i * (w + 10), 0))
+    return sheet
+
+
+def evaluate(model, meta, images, masks, dtype, names=None, out=None):
+    """Score whole images against their dense masks -> scores() dict. `meta` holds the classes,
+    colours, mean and std (as a checkpoint does). With `out`, also print one line per image and
+    write a side-by-side picture of each, named after `names`."""
+    conf = 0
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        t0 = time.time()
+        pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
+        conf = conf + confusion(mask, pred, len(meta["classes"]))
+        if out is not None:
+            stem = names[i].replace("/", "_").rsplit(".", 1)[0]
+            side_by_side(image, pred, mask, meta["colours"]).save(Path(out) / f"{stem}_compare.png")
+            print(f"{names[i]}  {image.shape[1]}x{image.shape[0]}  {time.time() - t0:.1f}s")
+    return scores(conf, meta["classes"])
+
+
+def print_scores(s):
+    for name, v in s["iou"].items():
+        print(f"  {name:<24} IoU {'  -  ' if v is None else f'{v:.3f}'}")
+    absent = [n for n, v in s["iou"].items() if v is None]
+    note = f" (left out, in neither truth nor prediction: {', '.join(absent)})" if absent else ""
+    print(f"  mIoU {s['miou']:.3f}  pixel accuracy {s['pixel_acc']:.3f}{note}")
+
+
+def image_files(inputs):
+    """Images and folders of images -> list of image paths (folders are not searched recursively)."""
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in data.IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    return files
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Map images with a trained model, or score it against dense masks.")
+    p.add_argument("inputs", nargs="*", help="images (any format Pillow reads) or folders of images to map")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. runs/NAME/ckpt.pt")
+    p.add_argument("--data", default=None, help="a data set in the Kaggle layout whose --tiles are scored")
+    p.add_argument("--tiles", default="", help="comma list of the tiles of --data to score (default: the last)")
+    p.add_argument("--out", default="predictions", help="folder for masks, overlays, pictures and metrics.json")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto': bf16 where native")
+    args = p.parse_args(argv)
+    if not args.inputs and not args.data:
+        p.error("give images or folders to map, or --data (and --tiles) to score")
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    model, meta = load_checkpoint(args.ckpt, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in zip(meta["classes"], meta["colours"])))
+
+    if args.data:
+        names, colours = data.read_classes(args.data)
+        if (names, colours) != (meta["classes"], [tuple(c) for c in meta["colours"]]):
+            raise data.DataError(f"{args.data}/classes.json: its classes differ from those {args.ckpt} was trained on")
+        tiles = [int(t) for t in args.tiles.split(",") if t.strip()] or [list(data.list_tiles(args.data))[-1]]
+        img_names, images, masks = data.load_tiles(args.data, tiles, colours)
+        s = evaluate(model, meta, images, masks, dtype, names=img_names, out=out)
+        print(f"scores on tiles {','.join(map(str, tiles))} of {args.data}:")
+        print_scores(s)
+        (out / "metrics.json").write_text(json.dumps(s, indent=1))
+
+    failed = []
+    for path in image_files(args.inputs):
+        t0 = time.time()
+        try:
+            image = data.read_image(path)
+        except data.DataError as e:
+            print(f"skipped: {e}")
+            failed.append(path)
+            continue
+        pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
+        mask = colourize(pred, meta["colours"])
+        mask.save(out / f"{path.stem}_mask.png")
+        Image.blend(Image.fromarray(image), mask.convert("RGB"), 0.5).save(out / f"{path.stem}_overlay.jpg", quality=90)
+        dt = time.time() - t0
+        h, w = pred.shape
+        print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s")
+    if failed:
+        print(f"{len(failed)} of the inputs could not be read: " + ", ".join(map(str, failed)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
