@@ -1,0 +1,493 @@
+"""Tests: each computes something two ways, or checks a property that must hold. `pytest test_all.py`
+
+Fast (no network, tiny data written here); set AERIAL_DATA to a data set to add a real-data run.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import predict
+import train
+from loss import partial_focal_ce
+from model import MEAN, STD, build_model, load_checkpoint, save_checkpoint, to_input
+from resnet_unet import ResNetUNet
+
+HERE = Path(__file__).parent
+COLOURS = [(226, 169, 41), (132, 41, 246), (110, 193, 228)]  # a 3-class palette for handmade data sets
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A synthetic data set small enough to train on in a second: 3 tiles of 2 images, 96x96."""
+    return data.make_synthetic(tmp_path_factory.mktemp("tiny") / "set", tiles=3, per_tile=2, size=96)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tmp_path_factory):
+    """One epoch trained on the tiny set -> (the model train.main returned, its run folder)."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    return train.main(tiny_args(tiny, run)), run
+
+
+def tiny_args(root, out, *extra):
+    return ["--data", str(root), "--out", str(out), "--patch", "64", "--weights", "none", "--epochs", "1",
+            "--precision", "fp32", "--device", "cpu", *extra]  # fmt: skip
+
+
+def run_script(script, *args, **kw):
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def write_set(root, classes, images):
+    """A handmade data set: classes.json text, and {relative image path: (image, mask or None)}."""
+    root.mkdir(parents=True)
+    (root / "classes.json").write_text(classes)
+    for rel, (image, mask) in images.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / rel)
+        if mask is not None:
+            (root / data.mask_path(Path(rel))).parent.mkdir(parents=True, exist_ok=True)
+            mask.save(root / data.mask_path(Path(rel)))
+    return root
+
+
+def classes_json(colours=COLOURS):
+    return json.dumps({"classes": [{"title": f"c{i}", "color": "#%02X%02X%02X" % c} for i, c in enumerate(colours)]})
+
+
+# ---------------------------------------------------------------------------- the network
+
+
+def test_shapes_for_odd_sizes_and_parameter_count():
+    model = ResNetUNet(6).eval()
+    with torch.no_grad():
+        for h, w in [(32, 32), (33, 47), (65, 100)]:
+            assert model(torch.randn(2, 3, h, w)).shape == (2, 6, h, w)
+    # the same count as segmentation_models_pytorch's Unet("resnet34", classes=6)
+    assert sum(p.numel() for p in model.parameters()) == 24_437_094
+
+
+def test_weights_from_a_path_and_from_the_torch_hub_cache(tmp_path, monkeypatch, capsys):
+    import torchvision
+    from torchvision.models import ResNet34_Weights
+
+    reference = torchvision.models.resnet34(weights=None).state_dict()
+    torch.save(reference, tmp_path / "r34.pth")
+    model = build_model(6, str(tmp_path / "r34.pth"))
+    for k in ["conv1.weight", "layer4.2.bn2.running_var", "layer2.0.downsample.0.weight"]:
+        assert torch.equal(model.state_dict()[k], reference[k])
+    # the ImageNet path reads torchvision's cache first: a file there loads without network
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "hub" / "checkpoints" / Path(ResNet34_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(reference, cached)
+    assert torch.equal(build_model(6, "imagenet").layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
+    # no file and no network: one warning naming the file and where it goes, then random init
+    cached.unlink()
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    build_model(6, "imagenet")
+    warning = capsys.readouterr().out
+    assert warning.count("\n") == 1 and "resnet34-b627a593.pth" in warning and str(cached.parent) in warning
+    with pytest.raises(data.DataError, match="no such file"):
+        build_model(6, str(tmp_path / "missing.pth"))
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(data.DataError, match="not a torchvision resnet34"):
+        build_model(6, str(tmp_path / "other.pth"))
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def pfce_reference(logits, target, gamma, alpha):
+    """The report's formula over the whole map: sum(FL * M) / sum(M)."""
+    p = logits.softmax(1)
+    m = target != 255
+    pt = torch.gather(p, 1, torch.where(m, target, 0)[:, None])[:, 0]
+    fl = -alpha * (1 - pt) ** gamma * torch.log(pt)
+    return (fl * m).sum() / m.sum()
+
+
+def test_pfce_matches_the_formula_and_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 17, 19, dtype=torch.float64)
+    target = torch.randint(0, 5, (3, 17, 19))
+    target[torch.rand(target.shape) < 0.9] = 255
+    for gamma, alpha in [(2.0, 0.25), (0.5, 1.0), (0.0, 0.3)]:
+        ours = partial_focal_ce(logits, target, gamma=gamma, alpha=alpha)
+        assert torch.allclose(ours, pfce_reference(logits, target, gamma, alpha).float(), rtol=1e-5)
+    # gamma 0, alpha 1 is plain cross-entropy over the labelled pixels
+    ce = F.cross_entropy(logits, target, ignore_index=255)
+    assert torch.allclose(partial_focal_ce(logits, target, gamma=0, alpha=1), ce.float(), rtol=1e-5)
+    # class weights: weighting class 2 by 3 adds twice its pixels' share to the loss
+    w = torch.tensor([1.0, 1, 3, 1, 1])
+    only2 = torch.where(target == 2, target, 255)
+    n2, n = (only2 != 255).sum(), (target != 255).sum()
+    expected = partial_focal_ce(logits, target) + 2 * partial_focal_ce(logits, only2) * n2 / n
+    assert torch.allclose(partial_focal_ce(logits, target, class_weights=w), expected, rtol=1e-5)
+
+
+def test_pfce_gradient_only_on_labelled_pixels_and_empty_batch():
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.full((2, 8, 8), 255)
+    target[0, 1, 2], target[1, 5, 7] = 3, 0
+    partial_focal_ce(logits, target).backward()
+    touched = logits.grad.abs().sum(1) > 0
+    assert touched.sum() == 2 and touched[0, 1, 2] and touched[1, 5, 7]
+    logits.grad = None
+    empty = partial_focal_ce(logits, torch.full((2, 8, 8), 255))
+    assert empty.item() == 0 and empty.requires_grad
+    empty.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_balanced_class_weights():
+    labels = [np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 255, 255]], np.uint8)]  # shares 0.8, 0.2, 0
+    w = train.balanced_weights(labels, 3)
+    assert w[0] / w[1] == pytest.approx(0.5) and w[2] == 0  # 1/sqrt(0.8) : 1/sqrt(0.2)
+    assert 0.8 * w[0] + 0.2 * w[1] == pytest.approx(1)  # the average labelled pixel weighs 1
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_point_sampler():
+    rng = np.random.default_rng(1)
+    masks = [rng.integers(0, 3, (100, 130)).astype(np.uint8) for _ in range(2)]
+    masks[0][:, :40] = data.IGNORE  # no class here: never a point
+    points, short = data.sample_points(masks, 64, 50, seed=7)
+    n_patches = len(data.grid(100, 64)) * len(data.grid(130, 64))  # 2 x 3
+    assert len(points) == 2 * n_patches * 50
+    assert len(set((i, x, y) for i, x, y, c in points)) == len(points)  # without replacement
+    assert all(masks[i][y, x] == c != data.IGNORE for i, x, y, c in points)
+    assert short == 0
+    assert data.sample_points(masks, 64, 50, seed=7)[0] == points
+    assert data.sample_points(masks, 64, 50, seed=8)[0] != points
+    # asking for more points than a patch has labelled pixels takes them all, and counts the patch
+    few, short = data.sample_points([masks[0][:64, :64]], 64, 4000, seed=0)
+    assert len(few) == 24 * 64 and short == 1
+
+
+def test_reader_palette_masks_unknown_colours_and_missing_masks(tmp_path, capsys):
+    truth = np.array([[0, 1, 2, 1], [2, 2, 0, 9]], np.uint8)  # 9: black, in no class
+    pal = Image.fromarray(truth, mode="P")
+    pal.putpalette([v for c in COLOURS for v in c] + [0] * 3 * 6 + [0, 0, 0])
+    rgb = np.array(COLOURS + [(0, 0, 0)] * 7, np.uint8)[truth]
+    image = np.zeros((2, 4, 3), np.uint8)
+    root = write_set(tmp_path / "set", classes_json(), {
+        "Tile 1/images/a.jpg": (image, pal),
+        "Tile 2/images/b.png": (image, Image.fromarray(rgb)),
+    })  # fmt: skip
+    names, images, masks = data.load_tiles(root, [1, 2], COLOURS)
+    expected = np.where(truth == 9, data.IGNORE, truth)
+    assert names == ["Tile 1/images/a.jpg", "Tile 2/images/b.png"]
+    assert np.array_equal(masks[0], expected) and np.array_equal(masks[1], expected)
+    assert "2 mask pixels have a colour in no class" in capsys.readouterr().out
+    Image.fromarray(image).save(root / "Tile 1" / "images" / "c.jpg")  # no mask
+    with pytest.raises(data.DataError, match="c.jpg: has no mask"):
+        data.load_tiles(root, [1], COLOURS)
+
+
+# ---------------------------------------------------------------------------- inference and scores
+
+
+def test_sliding_window_matches_a_whole_image_pass():
+    torch.manual_seed(0)
+    model = ResNetUNet(4)
+    with torch.no_grad():  # give batch norm statistics other than 0 and 1
+        model(torch.randn(4, 3, 96, 96))
+    model.eval()
+    image = np.random.default_rng(0).integers(0, 255, (300, 455, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(image).resize((113, 75)).resize((455, 300)))  # smooth, image-like
+    with torch.no_grad():
+        whole = model(to_input(torch.from_numpy(image.copy())[None]))[0]
+    windows = torch.cat(list(predict.sliding_window(model, image, MEAN, STD, torch.float32, window=128)), 1)
+    assert windows.shape == whole.shape
+    assert (windows - whole).norm() / whole.norm() < 0.05
+    assert (windows.argmax(0) == whole.argmax(0)).float().mean() > 0.98
+    small = predict.predict_mask(model, image[:40, :33], MEAN, STD, torch.float32, window=128)
+    assert small.shape == (40, 33)
+
+
+def test_scores_on_a_handmade_case():
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 255]], np.uint8)
+    pred = np.array([[0, 1, 1, 1], [2, 0, 3, 3]], np.uint8)
+    conf = predict.confusion(truth, pred, 5)
+    expected = np.zeros((5, 5), int)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 2], expected[2, 0] = 1, 1, 2, 1, 1
+    assert np.array_equal(conf, expected)  # the pixels of no class (255) count nowhere
+    s = predict.scores(conf, ["a", "b", "c", "d", "e"])
+    assert s["iou"] == {"a": 1 / 3, "b": 2 / 3, "c": 1 / 2, "d": None, "e": None}
+    assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert s["pixel_acc"] == 4 / 6
+
+
+# ---------------------------------------------------------------------------- training end to end
+
+
+def test_one_epoch_writes_everything_and_the_checkpoint_reloads(tiny, tiny_run):
+    model, run = tiny_run
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert set(history[0]) == {"epoch", "loss", "miou", "iou", "pixel_acc", "seconds", "patches_per_s"}
+    assert 0 < history[0]["loss"] < 1 and 0 <= history[0]["miou"] <= 1
+    lines = (run / "points.csv").read_text().splitlines()
+    assert lines[0] == "image,x,y,class" and len(lines) == 1 + 2 * 2 * 4 * 100  # tiles 1-2, 4 patches each
+    assert Image.open(run / "panel.png").size == (4 * 64 + 30, 64)
+    reloaded, ckpt = load_checkpoint(run / "ckpt.pt")
+    # cosine schedule: 2 steps, the last one at half the peak learning rate
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)
+    image = data.read_image(tiny / "Tile 3" / "images" / "image_part_001.jpg")
+    args = (image, ckpt["mean"], ckpt["std"], torch.float32)
+    assert np.array_equal(predict.predict_mask(model.eval(), *args), predict.predict_mask(reloaded, *args))
+
+
+def test_predict_writes_masks_overlays_and_scores(tiny, tiny_run, tmp_path, capsys):
+    ckpt = tiny_run[1] / "ckpt.pt"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgba = np.random.default_rng(0).integers(0, 255, (50, 70, 4)).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgba[..., 0], "L").save(folder / "grey.tif")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "pred"
+    assert predict.main(["--ckpt", str(ckpt), str(folder), "--out", str(out), "--precision", "fp32"]) == 1
+    said = capsys.readouterr().out
+    assert "broken.jpg" in said.splitlines()[-1]  # the bad one is listed at the end
+    palette = {tuple(c) for c in torch.load(ckpt, weights_only=True)["colours"]}
+    for stem in ["rgba", "grey"]:
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.size == (70, 50) and Image.open(out / f"{stem}_overlay.jpg").size == (70, 50)
+        assert {c for _, c in mask.convert("RGB").getcolors()} <= palette
+    # scoring: the numbers train.py printed for the same tile and the same checkpoint
+    assert predict.main(["--ckpt", str(ckpt), "--data", str(tiny), "--tiles", "3", "--out", str(out),
+                         "--precision", "fp32"]) == 0  # fmt: skip
+    scored = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((tiny_run[1] / "metrics.json").read_text())["history"][-1]
+    assert scored["miou"] == pytest.approx(trained["miou"]) and scored["iou"] == trained["iou"]
+    assert np.array(scored["confusion"]).shape == (5, 5)
+    assert (out / "Tile 3_images_image_part_001_compare.png").exists()
+
+
+def test_torchrun_ranks_end_with_identical_weights(tiny, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = "import sys, torch, train; m = train.main(sys.argv[2:]); torch.save(dict(m.named_parameters()), sys.argv[1])"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+        cmd = [sys.executable, "-c", script, str(tmp_path / f"rank{rank}.pt"), *tiny_args(tiny, tmp_path / "run")]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "epoch 1/1" in outs[0][0] and outs[1][0] == ""  # rank 0 alone prints
+    written = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(written[k], a[k]) for k in a)  # and writes what it trained
+
+
+# ---------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    r = run_script("train.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "nowhere: no such folder" in r.stderr
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    r = run_script("predict.py", "--ckpt", tmp_path / "garbage.pt", "x.jpg", "--out", tmp_path / "p")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "garbage.pt: not a checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty folder", "holds no 'Tile N/images' folders"),
+        ("no classes.json", "classes.json: not found"),
+        ("classes.json unparsable", "classes.json: not a list of classes"),
+        ("classes without colours", "classes.json: not a list of classes"),
+        ("colour not #RRGGBB", "colour '#12345' is not of the form #RRGGBB"),
+        ("mask of another size", "mask is 5x4, its image a.jpg is 6x4"),
+        ("truncated image", "a.jpg: cannot read image"),
+        ("no such tile", "has no Tile 9"),
+    ],
+)
+def test_bad_data_sets(tmp_path, case, message):
+    image, mask = np.full((4, 6, 3), 128, np.uint8), Image.new("RGB", (6, 4), COLOURS[0])
+    classes, tiles = classes_json(), "1"
+    if case == "no classes.json":
+        classes = None
+    elif case == "classes.json unparsable":
+        classes = "{not json"
+    elif case == "classes without colours":
+        classes = json.dumps({"classes": [{"title": "water"}]})
+    elif case == "colour not #RRGGBB":
+        classes = json.dumps({"classes": [{"title": "water", "color": "#12345"}]})
+    elif case == "mask of another size":
+        mask = Image.new("RGB", (5, 4), COLOURS[0])
+    elif case == "no such tile":
+        tiles = "9"
+    files = {} if case == "empty folder" else {"Tile 1/images/a.jpg": (image, mask)}
+    root = write_set(tmp_path / "set", classes or "", files)
+    if classes is None:
+        (root / "classes.json").unlink()
+    if case == "truncated image":
+        path = root / "Tile 1" / "images" / "a.jpg"
+        path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
+        train.main(["--data", str(root), "--out", str(tmp_path / "run"), "--train-tiles", tiles, "--val-tiles", tiles])
+
+
+def test_points_csv_is_checked_and_used(tiny, tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("image,x,y,class\nTile 1/images/image_part_001.jpg,50,60,1\nTile 3/images/image_part_001.jpg,5,5,0\n")
+    train.main(tiny_args(tiny, tmp_path / "run", "--point-labels", str(good), "--lr-schedule", "constant",
+                         "--class-weights", "none"))  # fmt: skip
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    # the row of Tile 3 (validation, not trained on) is skipped; the one point is the one trained on
+    assert (tmp_path / "run" / "points.csv").read_text().splitlines()[1:] == ["Tile 1/images/image_part_001.jpg,50,60,1"]
+    for row, message in [
+        ("Tile 1/images/nope.jpg,1,1,0", "unknown image"),
+        ("Tile 1/images/image_part_001.jpg,96,1,0", r"point \(96, 1\) is outside"),
+        ("Tile 1/images/image_part_001.jpg,1,1,7", "unknown class 7"),
+    ]:
+        bad = tmp_path / "bad.csv"
+        bad.write_text("image,x,y,class\n" + row + "\n")
+        with pytest.raises(data.DataError, match=message):
+            train.main(tiny_args(tiny, tmp_path / "bad", "--point-labels", str(bad)))
+
+
+def test_small_images_are_padded_and_big_point_counts_capped(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 50, 3)).astype(np.uint8)
+    mask = Image.fromarray(np.array(COLOURS, np.uint8)[rng.integers(0, 3, (40, 50))])
+    root = write_set(tmp_path / "set", classes_json(), {f"Tile {t}/images/a.png": (image, mask) for t in (1, 2)})
+    train.main(tiny_args(root, tmp_path / "run", "--points", "5000"))
+    said = capsys.readouterr().out
+    assert said.count("fewer labelled pixels") == 1 and "epoch 1/1" in said
+    assert len((tmp_path / "run" / "points.csv").read_text().splitlines()) == 1 + 40 * 50
+
+
+def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
+    other = write_set(tmp_path / "other", classes_json(), {"Tile 1/images/a.png": (np.zeros((4, 4, 3), np.uint8), None)})
+    with pytest.raises(data.DataError, match="classes differ"):
+        predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--data", str(other), "--out", str(tmp_path / "p")])
+    with pytest.raises(data.DataError, match="no such checkpoint"):
+        predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg"])
+
+
+# ---------------------------------------------------------------------------- interrupted runs
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def torn(obj, f):  # a kill in the middle of writing
+        Path(f).write_bytes(b"half a fi")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"epoch": 2})
+    assert torch.load(path)["epoch"] == 1
+
+
+def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path / "run")
+    train.main(args)
+    with pytest.raises(data.DataError, match="already holds a run"):
+        train.main(args)
+    with pytest.raises(data.DataError, match="--lr 0.01 differs"):
+        train.main(args + ["--resume", "--lr", "0.01"])
+    train.main(args + ["--overwrite"])
+    train.main(args + ["--epochs", "2", "--resume"])
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 2
+
+
+def wait_for_epochs(run, n, proc):
+    while proc.poll() is None:
+        try:
+            if len(json.loads((run / "metrics.json").read_text())["history"]) >= n:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(proc.stdout.read())
+
+
+def test_kill_9_then_resume_gives_the_same_loss_table(tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path / "killed", "--epochs", "3")
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE, text=True)
+    wait_for_epochs(tmp_path / "killed", 2, proc)
+    proc.send_signal(signal.SIGKILL)  # in epoch 3
+    proc.wait()
+    resumed = run_script("train.py", *args, "--resume")
+    assert resumed.returncode == 0 and "after epoch 2" in resumed.stdout, resumed.stdout + resumed.stderr
+    train.main(tiny_args(tiny, tmp_path / "whole", "--epochs", "3"))
+    history = [json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in ("killed", "whole")]
+    assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]]
+    assert [h["miou"] for h in history[0]] == [h["miou"] for h in history[1]]
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path / "run", "--epochs", "50")
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE, text=True)
+    wait_for_epochs(tmp_path / "run", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    said = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "last checkpoint: " + str(tmp_path / "run" / "ckpt.pt") in said
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_non_finite_loss_stops_with_step_and_images(tiny, tmp_path, monkeypatch, capsys):
+    args = tiny_args(tiny, tmp_path / "run")
+    train.main(args)
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = partial_focal_ce(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train, "partial_focal_ce", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        train.main(args + ["--epochs", "2", "--resume"])
+    said = capsys.readouterr().out
+    assert stop.value.code == 1 and "epoch 2 step 2: loss is nan" in said and "Tile " in said
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 1  # the last good one
+
+
+# ---------------------------------------------------------------------------- real data (AERIAL_DATA=path)
+
+
+@pytest.mark.skipif(not os.environ.get("AERIAL_DATA"), reason="set AERIAL_DATA to a data set in the Kaggle layout")
+def test_real_data_one_small_tile(tmp_path):
+    root = Path(os.environ["AERIAL_DATA"])
+    tile = min(data.list_tiles(root), key=lambda t: Image.open(data.list_tiles(root)[t][0]).size[0])
+    args = ["--data", str(root), "--train-tiles", str(tile), "--val-tiles", str(tile), "--epochs", "1"]
+    train.main(args + ["--out", str(tmp_path / "run"), "--weights", "none"])
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert 0 < history[0]["loss"] < 1 and 0 < history[0]["miou"] <= 1
+    _, colours = data.read_classes(root)
+    names, _, masks = data.load_tiles(root, [tile], colours)
+    rows = [r.split(",") for r in (tmp_path / "run" / "points.csv").read_text().splitlines()[1:]]
+    n_patches = sum(len(data.grid(m.shape[0], 256)) * len(data.grid(m.shape[1], 256)) for m in masks)
+    assert len(rows) == 100 * n_patches
+    assert all(masks[names.index(n)][int(y), int(x)] == int(c) for n, x, y, c in rows)  # on the true classes
