@@ -72,8 +72,8 @@ def flops_per_patch(model, patch):
 def main():
     p = argparse.ArgumentParser(description="Benchmark training, data, loss and inference speed.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and no fp32-contiguous row: under a minute")
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', ...")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per training step")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', ... (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per training step (default: %(default)s)")
     args = p.parse_args()
     device = pick_device(args.device)
     bf16 = pick_dtype("auto", device) == torch.bfloat16

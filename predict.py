@@ -160,9 +160,9 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. runs/NAME/ckpt.pt")
     p.add_argument("--data", default=None, help="a data set in the Kaggle layout whose --tiles are scored")
     p.add_argument("--tiles", default="", help="comma list of the tiles of --data to score (default: the last)")
-    p.add_argument("--out", default="predictions", help="folder for masks, overlays, pictures and metrics.json")
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto': bf16 where native")
+    p.add_argument("--out", default="predictions", help="folder for masks, overlays, pictures and metrics.json (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ... (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto' is bf16 where the hardware has it natively, else fp32 (default: %(default)s)")
     args = p.parse_args(argv)
     if not args.inputs and not args.data:
         p.error("give images or folders to map, or --data (and --tiles) to score")

@@ -36,21 +36,21 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help=f"data set in the Kaggle layout (default: '{KAGGLE.relative_to(Path(__file__).parent)}' if there, else a synthetic set)")
     p.add_argument("--train-tiles", default="", help="comma list of tile numbers to train on (default: all but the last)")
     p.add_argument("--val-tiles", default="", help="comma list of tile numbers to validate on (default: the last)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training patches")
-    p.add_argument("--points", type=int, default=100, help="point labels per patch, drawn once; 0 trains on the dense masks")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
+    p.add_argument("--points", type=int, default=100, help="point labels per patch, drawn once; 0 trains on the dense masks (default: %(default)s)")
     p.add_argument("--point-labels", default=None, help="CSV of real clicks (image,x,y,class) to train from instead")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per step (per process under torchrun)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak, with --lr-schedule cosine)")
-    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="'cosine': decay to 0 over the run")
-    p.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent; 0 gives cross-entropy")
-    p.add_argument("--alpha", type=float, default=0.25, help="focal loss weight")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per step, per process under torchrun (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, the peak of a cosine schedule (default: %(default)s)")
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="'cosine' decays the lr to 0 over the run (default: %(default)s)")
+    p.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent; 0 gives cross-entropy (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.25, help="focal loss weight (default: %(default)s)")
     p.add_argument("--class-weights", default="balanced", choices=["balanced", "none"],
-                   help="'balanced': weight each class by 1/sqrt of its share of the labels")  # fmt: skip
-    p.add_argument("--patch", type=int, default=256, help="side of the square training patches, cut at native resolution")
-    p.add_argument("--weights", default="imagenet", help="encoder init: 'imagenet', 'none' or a resnet34 .pth")
-    p.add_argument("--seed", type=int, default=0, help="seed of the points, the init and the batch order")
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto': bf16 where native")
+                   help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")  # fmt: skip
+    p.add_argument("--patch", type=int, default=256, help="side of the square training patches, cut at native resolution (default: %(default)s)")
+    p.add_argument("--weights", default="imagenet", help="encoder init: 'imagenet', 'none' or a torchvision resnet34 .pth (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the points, the init and the batch order (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', ... (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto' is bf16 where the hardware has it natively, else fp32 (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date>_<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -216,7 +216,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = build_model(len(class_names), args.weights).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # one kernel for all weights
     meta = {"classes": class_names, "colours": colours, "mean": MEAN, "std": STD, "patch": args.patch}
     history, start = [], 0
     if args.resume:
