@@ -42,7 +42,12 @@ def read_classes(root):
             raise DataError(f"{path}: colour {h!r} is not of the form #RRGGBB")
     if not names:
         raise DataError(f"{path}: holds no classes")
-    return names, [tuple(int(h[i : i + 2], 16) for i in (1, 3, 5)) for h in hexes]
+    return names, [hex_to_rgb(h) for h in hexes]
+
+
+def hex_to_rgb(h):
+    """'#E2A929' -> (226, 169, 41)"""
+    return tuple(int(h[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def list_tiles(root):
@@ -288,7 +293,7 @@ def make_synthetic(root, tiles=5, per_tile=4, size=512, seed=0):
     root = Path(root)
     rng = np.random.default_rng(seed)
     tmp = root.with_name(root.name + ".partial")  # renamed at the end: never half a data set
-    palette = [tuple(int(h[i : i + 2], 16) for i in (1, 3, 5)) for _, h, _ in SYNTHETIC_CLASSES]
+    palette = [hex_to_rgb(h) for _, h, _ in SYNTHETIC_CLASSES]
     for t in range(1, tiles + 1):
         (tmp / f"Tile {t}" / "images").mkdir(parents=True, exist_ok=True)
         (tmp / f"Tile {t}" / "masks").mkdir(parents=True, exist_ok=True)

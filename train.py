@@ -216,7 +216,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = build_model(len(class_names), args.weights).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # one kernel for all weights
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     meta = {"classes": class_names, "colours": colours, "mean": MEAN, "std": STD, "patch": args.patch}
     history, start = [], 0
     if args.resume:
