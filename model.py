@@ -51,7 +51,13 @@ def pick_device(name):
     """'auto' -> cuda when present, else cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device (try 'auto', 'cpu', 'cuda', 'cuda:1')")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: this machine has no CUDA GPU (torch sees none)")
+    return device
 
 
 def pick_dtype(name, device):

@@ -354,6 +354,14 @@ def test_bad_data_sets(tmp_path, case, message):
         train.main(["--data", str(root), "--out", str(tmp_path / "run"), "--train-tiles", tiles, "--val-tiles", tiles])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bad_device(tiny, tmp_path):
+    with pytest.raises(data.DataError, match="no CUDA GPU"):
+        train.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda"))
+    with pytest.raises(data.DataError, match="not a device"):
+        predict.main(["--ckpt", "x.pt", "--device", "gpu0", "a.jpg"])
+
+
 def test_points_csv_is_checked_and_used(tiny, tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("image,x,y,class\nTile 1/images/image_part_001.jpg,50,60,1\nTile 3/images/image_part_001.jpg,5,5,0\n")
