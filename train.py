@@ -162,7 +162,7 @@ def main(argv=None):
     if args.resume:
         if not ckpt_path.exists():
             raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start it again with --overwrite")
-        _, ckpt = load_checkpoint(ckpt_path, device)
+        _, ckpt = load_checkpoint(ckpt_path)  # on the CPU: load_state_dict below moves it
         for k in SAME_ON_RESUME:
             if getattr(args, k) != ckpt["args"][k]:
                 raise data.DataError(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the run's {ckpt['args'][k]}")
