@@ -66,6 +66,14 @@ def list_tiles(root):
     return dict(sorted(tiles.items()))
 
 
+def tile_list(text, default):
+    """'1,2,5' -> [1, 2, 5]; an empty text gives `default`."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()] or default
+    except ValueError:
+        raise DataError(f"tiles {text!r}: expected tile numbers separated by commas, e.g. 1,2,3")
+
+
 def read_image(path):
     """Any image Pillow reads -> (H, W, 3) uint8."""
     try:

@@ -106,17 +106,23 @@ def colourize(classes, colours):
     return im
 
 
-def side_by_side(image, pred, truth, colours, height=512):
+def side_by_side(panels):
+    """Pictures of one size -> one picture, left to right, 10 white pixels apart."""
+    w, h = panels[0].size
+    sheet = Image.new("RGB", (len(panels) * (w + 10) - 10, h), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel.convert("RGB"), (i * (w + 10), 0))
+    return sheet
+
+
+def compare(image, pred, truth, colours, height=512):
     """image | prediction | truth | errors (red: wrong, white: right, black: no class), scaled."""
     errors = np.full(truth.shape + (3,), 255, np.uint8)
     errors[pred != truth] = (220, 30, 30)
     errors[truth == data.IGNORE] = 0
     panels = [Image.fromarray(image), colourize(pred, colours), colourize(truth, colours), Image.fromarray(errors)]
-    w = round(image.shape[1] * height / image.shape[0])
-    sheet = Image.new("RGB", (4 * w + 30, height), "white")
-    for i, p in enumerate(panels):
-        sheet.paste(p.convert("RGB").resize((w, height), Image.NEAREST if i else Image.BILINEAR), (i * (w + 10), 0))
-    return sheet
+    size = (round(image.shape[1] * height / image.shape[0]), height)
+    return side_by_side([p.resize(size, Image.NEAREST if i else Image.BILINEAR) for i, p in enumerate(panels)])
 
 
 def evaluate(model, meta, images, masks, dtype, names=None, out=None):
@@ -130,7 +136,7 @@ def evaluate(model, meta, images, masks, dtype, names=None, out=None):
         conf = conf + confusion(mask, pred, len(meta["classes"]))
         if out is not None:
             stem = names[i].replace("/", "_").rsplit(".", 1)[0]
-            side_by_side(image, pred, mask, meta["colours"]).save(Path(out) / f"{stem}_compare.png")
+            compare(image, pred, mask, meta["colours"]).save(Path(out) / f"{stem}_compare.png")
             print(f"{names[i]}  {image.shape[1]}x{image.shape[0]}  {time.time() - t0:.1f}s")
     return scores(conf, meta["classes"])
 
@@ -178,7 +184,7 @@ def main(argv=None):
         names, colours = data.read_classes(args.data)
         if (names, colours) != (meta["classes"], [tuple(c) for c in meta["colours"]]):
             raise data.DataError(f"{args.data}/classes.json: its classes differ from those {args.ckpt} was trained on")
-        tiles = [int(t) for t in args.tiles.split(",") if t.strip()] or [list(data.list_tiles(args.data))[-1]]
+        tiles = data.tile_list(args.tiles, list(data.list_tiles(args.data))[-1:])
         img_names, images, masks = data.load_tiles(args.data, tiles, colours)
         s = evaluate(model, meta, images, masks, dtype, names=img_names, out=out)
         print(f"scores on tiles {','.join(map(str, tiles))} of {args.data}:")

@@ -326,6 +326,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
         ("mask of another size", "mask is 5x4, its image a.jpg is 6x4"),
         ("truncated image", "a.jpg: cannot read image"),
         ("no such tile", "has no Tile 9"),
+        ("tiles not numbers", "tiles 'one': expected tile numbers"),
     ],
 )
 def test_bad_data_sets(tmp_path, case, message):
@@ -343,6 +344,8 @@ def test_bad_data_sets(tmp_path, case, message):
         mask = Image.new("RGB", (5, 4), COLOURS[0])
     elif case == "no such tile":
         tiles = "9"
+    elif case == "tiles not numbers":
+        tiles = "one"
     files = {} if case == "empty folder" else {"Tile 1/images/a.jpg": (image, mask)}
     root = write_set(tmp_path / "set", classes or "", files)
     if classes is None:

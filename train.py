@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 from loss import partial_focal_ce
 from model import MEAN, STD, build_model, load_checkpoint, pick_device, pick_dtype, save_checkpoint, to_input
-from predict import colourize, evaluate, predict_mask
+from predict import colourize, evaluate, predict_mask, side_by_side
 
 KAGGLE = Path(__file__).parent / "data" / "Semantic segmentation dataset"  # where the README says to unzip
 SYNTHETIC = Path(__file__).parent / "data" / "synthetic"
@@ -58,10 +58,6 @@ def get_args(argv=None):
     if args.patch < 32 or args.patch % 32:
         p.error("--patch must be a multiple of 32 (the encoder's stride)")
     return args
-
-
-def tile_list(text, default):
-    return [int(t) for t in text.split(",") if t.strip()] if text.strip() else default
 
 
 class NonFiniteLoss(Exception):
@@ -135,10 +131,7 @@ def write_panel(path, model, meta, image, mask, args, dtype):
             dots[np.clip(ys + dy, 0, p - 1), np.clip(xs + dx, 0, p - 1)] = colours[labels[0][ys, xs]]
     pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
     panels = [Image.fromarray(image), Image.fromarray(dots), colourize(pred, meta["colours"]), colourize(mask, meta["colours"])]
-    sheet = Image.new("RGB", (4 * p + 30, p), "white")
-    for i, panel in enumerate(panels):
-        sheet.paste(panel.convert("RGB"), (i * (p + 10), 0))
-    sheet.save(path)
+    side_by_side(panels).save(path)
 
 
 def main(argv=None):
@@ -181,8 +174,8 @@ def main(argv=None):
         print(f"no --data and no '{KAGGLE}': training on the synthetic set in {SYNTHETIC} (see README for real data)")
     tiles = list(data.list_tiles(root))
     class_names, colours = data.read_classes(root)
-    train_tiles = tile_list(args.train_tiles, tiles[:-1])
-    val_tiles = tile_list(args.val_tiles, tiles[-1:])
+    train_tiles = data.tile_list(args.train_tiles, tiles[:-1])
+    val_tiles = data.tile_list(args.val_tiles, tiles[-1:])
     names, images, masks = data.load_tiles(root, train_tiles, colours)
     _, val_images, val_masks = data.load_tiles(root, val_tiles, colours)
 
