@@ -1,23 +1,42 @@
-"""Speed: training steps, data pipeline, loss and sliding-window inference, each the median of
-timed repetitions after a warm-up, next to the machine's measured matrix-multiply peak.
+"""Speed on this machine, named in the first line: the precision train.py and predict.py choose
+against the faster one, training against the reference recipe, predict.py end to end against a
+bare fp32 forward pass, the data pipeline and the loss, next to the machine's measured peak.
 
-    python bench.py            # about 5 minutes on a 2-core CPU
-    python bench.py --quick    # under a minute
+    python bench.py            # about 3 minutes on a 2-core CPU
+    python bench.py --quick    # about a minute
 """
 import argparse
-import resource
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import sigmoid_focal_loss
 
 import data
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, pick_device, pick_dtype, to_input
-from predict import predict_mask
+from model import (MEAN, STD, bf16_possible, build_model, fold_batch_norm, keep_freed_memory, pick_device,
+                   pick_dtype, to_input)
+from predict import colourize, predict_mask
+
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
+def machine_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def timed(fn, device, reps, warmup=2):
@@ -35,24 +54,41 @@ def timed(fn, device, reps, warmup=2):
     return statistics.median(times)
 
 
-def matmul_peak(device, dtype, reps):
-    """GFLOP/s of a large square matrix product: the ceiling a convolution network can reach."""
+def peak(device, dtype, reps):
+    """GFLOP/s of the faster of a large matrix product and a large 3x3 convolution (on a CPU the
+    two can go through different libraries: MKL runs AMD CPUs on a slower code path than oneDNN)."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, device, reps) / 1e9
+    matmul = 2 * n**3 / timed(lambda: a @ b, device, reps)
+    x = torch.randn(8, 256, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = 2 * 8 * 256 * 256 * 9 * 32 * 32 / timed(lambda: F.conv2d(x, w, padding=1), device, reps)
+    return max(matmul, conv) / 1e9
 
 
-def train_step_fn(model, device, dtype, batch, patch):
-    """One optimizer step on a fixed batch with 100 point labels per patch, as train.py does it."""
+def smp_focal_loss(logits, labels):
+    """segmentation_models_pytorch's FocalLoss("multiclass", ignore_index=255): one-vs-rest sigmoid
+    focal loss (gamma 2, no alpha) on the labelled pixels, summed over classes."""
+    keep = labels != data.IGNORE
+    picked = logits.permute(0, 2, 3, 1)[keep].float()  # (N, C)
+    target = F.one_hot(labels[keep].long(), picked.shape[1]).float()
+    return sigmoid_focal_loss(picked, target, alpha=-1, gamma=2, reduction="sum") / max(len(picked), 1)
+
+
+def train_step_fn(model, loss_fn, device, dtype, batch, patch, contiguous=False):
+    """One optimizer step on a fixed batch with 100 point labels per patch, as train.py does it
+    (channels_last memory) or, with `contiguous`, as the reference recipe does (NCHW)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.randint(0, 256, (batch, patch, patch, 3), dtype=torch.uint8, device=device)
     labels = torch.full((batch, patch, patch), data.IGNORE, dtype=torch.uint8, device=device)
-    labels.view(batch, -1)[:, torch.randperm(patch * patch)[:100]] = torch.randint(0, 6, (batch, 100), dtype=torch.uint8, device=device)
+    points = torch.randint(0, 6, (batch, 100), dtype=torch.uint8, device=device)
+    labels.view(batch, -1)[:, torch.randperm(patch * patch)[:100]] = points
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(to_input(images))
-        loss = partial_focal_ce(logits, labels)
+        x = to_input(images).contiguous() if contiguous else to_input(images)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != FP32):
+            logits = model(x)
+        loss = loss_fn(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -70,59 +106,95 @@ def flops_per_patch(model, patch):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Benchmark training, data, loss and inference speed.")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and no fp32-contiguous row: under a minute")
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', ... (default: %(default)s)")
+    p = argparse.ArgumentParser(description="Benchmark training, inference, data and loss speed.")
+    p.add_argument("--quick", action="store_true", help="3 repetitions instead of 10: about a minute")
+    p.add_argument("--device", default="auto", help="'auto' (cuda, then mps, when present), 'cpu', 'cuda', ..."
+                   " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="patches per training step (default: %(default)s)")
     args = p.parse_args()
     device = pick_device(args.device)
-    bf16 = pick_dtype("auto", device) == torch.bfloat16
     reps = 3 if args.quick else 10
-    batch, patch = args.batch_size, 256
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
-          + f", native bf16: {bf16}, batch {batch} of {patch}x{patch}, median of {reps} after 2 warm-ups")  # fmt: skip
-
-    peak = {torch.float32: matmul_peak(device, torch.float32, reps)}
-    if bf16:
-        peak[torch.bfloat16] = matmul_peak(device, torch.bfloat16, reps)
-    print("matmul peak: " + ", ".join(f"{str(k)[6:]} {v:.0f} GFLOP/s" for k, v in peak.items()))
-
+    batch, patch, dtypes = args.batch_size, 256, [FP32] + ([BF16] if bf16_possible(device) else [])
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    print(f"{machine_name(device)} ({threads}), torch {torch.__version__}, batch {batch} of {patch}x{patch}, "
+          f"median of {reps} after 2 warm-ups")
+    peaks = {dt: peak(device, dt, reps) for dt in dtypes}
+    print("peak: " + ", ".join(f"{str(k)[6:]} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     torch.manual_seed(0)
     flops = flops_per_patch(build_model(6, "none"), patch)
     print(f"ResNet-34 U-Net: {flops / 1e9:.1f} GFLOP per patch, forward + backward")
-    configs = [(torch.float32, torch.contiguous_format), (torch.float32, torch.channels_last)][args.quick :]
-    configs += [(torch.bfloat16, torch.channels_last)] if bf16 else []
+
+    # the reference recipe as a plain script runs it: smp's Unet and FocalLoss (ours, the same
+    # architecture, with that loss, if smp is not installed), fp32, contiguous, malloc defaults
     try:
         import segmentation_models_pytorch as smp
+
+        ref_model, ref_name = smp.Unet("resnet34", encoder_weights=None, classes=6), "smp Unet + FocalLoss"
     except ImportError:
-        smp = None
-        print("segmentation_models_pytorch is not installed: no comparison (it is not a dependency)")
-    print(f"{'training step':<34}{'ours':>14}{'smp Unet':>14}{'ratio':>7}{'GFLOP/s':>9}{'of peak':>9}")
-    for dtype, fmt in configs:
-        ours = build_model(6, "none").to(device, memory_format=fmt)
-        steps = [train_step_fn(ours, device, dtype, batch, patch)]
-        if smp:
-            ref = smp.Unet("resnet34", encoder_weights=None, classes=6).to(device, memory_format=fmt)
-            steps.append(train_step_fn(ref, device, dtype, batch, patch))
-        for s in steps:  # warm-up, then the two interleaved, one step each in turn
-            s(), s()
-        times = [[], []]
-        for _ in range(reps):
-            for i, s in enumerate(steps):
-                times[i].append(timed(s, device, 1, warmup=0))
-        speed = [batch / statistics.median(t) for t in times if t]
-        name = f"{str(dtype)[6:]}, {'channels_last' if fmt == torch.channels_last else 'contiguous'}"
-        smp_cols = f"{speed[1]:>8.1f} p/s{speed[0] / speed[1]:>7.2f}" if smp else f"{'-':>14}{'-':>7}"
-        achieved = speed[0] * flops / 1e9
-        print(f"  {name:<32}{speed[0]:>8.1f} p/s{smp_cols}{achieved:>9.0f}{achieved / peak[dtype]:>9.0%}")
+        ref_model, ref_name = build_model(6, "none"), "this U-Net + smp's focal loss (no smp here)"
+    reference = train_step_fn(ref_model.to(device), smp_focal_loss, device, FP32, batch, patch, contiguous=True)
+    rows = {"reference": timed(reference, device, reps)}
+    model = build_model(6, "none").to(device, memory_format=torch.channels_last)
+    rows["malloc defaults"] = timed(train_step_fn(model, partial_focal_ce, device, FP32, batch, patch), device, reps)
+    keep_freed_memory()  # what train.py and predict.py do first
+    for dt in dtypes:
+        rows[dt] = timed(train_step_fn(model, partial_focal_ce, device, dt, batch, patch), device, reps)
+    names = {
+        "reference": f"reference: {ref_name}, fp32, contiguous",
+        "malloc defaults": "ours, fp32, channels_last, glibc malloc defaults",
+        FP32: "ours, fp32, channels_last",
+        BF16: "ours, bf16, channels_last",
+    }
+    print(f"{'training step':<58}{'patches/s':>10}{'GFLOP/s':>9}{'of peak':>9}{'x ref':>7}")
+    for k, seconds in rows.items():
+        dt = k if k in peaks else FP32
+        speed = batch / seconds
+        print(f"  {names[k]:<56}{speed:>10.2f}{speed * flops / 1e9:>9.0f}{speed * flops / 1e9 / peaks[dt]:>9.0%}"
+              f"{rows['reference'] / seconds:>7.2f}")
+    chosen = pick_dtype("auto", device, model, train=True)
+    fastest = min(rows[dt] for dt in dtypes)
+    print(f"train.py's choice, {str(chosen)[6:]}: {fastest / rows[chosen]:.0%} of the faster precision's speed, "
+          f"{rows['reference'] / rows[chosen]:.2f}x the reference")
     if device.type == "cuda":
         print(f"peak GPU memory of training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    print(f"peak memory of training (this process's RSS so far): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
-    # the data pipeline alone: patches cut, augmented, batched and normalised, as train.py does
+    # predict.py end to end on a 2149x1479 JPEG (decode, windows, mask and overlay written) against
+    # one bare fp32 forward pass of the unfolded network over the whole image
+    model.eval()
     rng = np.random.default_rng(0)
     scenes = [data.synthetic_scene(rng, 1024, 1024) for _ in range(2)]
+    tmp = Path(f"bench_{time.time_ns()}")
+    tmp.mkdir()
+    path = tmp / "scene.jpg"
+    Image.fromarray(scenes[0][0]).resize((2149, 1479)).save(path, quality=90)
+    mp = 2149 * 1479 / 1e6
+    whole = to_input(torch.from_numpy(np.zeros((1, 1504, 2176, 3), np.uint8)).to(device))  # padded to 32
+    with torch.no_grad():
+        bare = mp / timed(lambda: model(whole), device, max(1, reps // 3), warmup=1)
+    folded = fold_batch_norm(build_model(6, "none").to(device, memory_format=torch.channels_last).eval())
+
+    def predict_image(dtype):
+        image = data.read_image(path)
+        mask = colourize(predict_mask(folded, image, MEAN, STD, dtype), [(i, i, i) for i in range(6)])
+        mask.save(tmp / "mask.png")
+        Image.blend(Image.fromarray(image), mask.convert("RGB"), 0.5).save(tmp / "overlay.jpg", quality=90)
+
+    speeds = {dt: mp / timed(lambda: predict_image(dt), device, max(1, reps // 3), warmup=1) for dt in dtypes}
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    print(f"bare fp32 forward pass of the whole 2149x1479 image: {bare:.2f} MP/s")
+    for dt, speed in speeds.items():
+        print(f"predict.py per image, {str(dt)[6:]}, batch norm folded: {speed:.2f} MP/s, "
+              f"{speed / bare:.2f}x bare fp32")
+    chosen = pick_dtype("auto", device, folded, train=False)
+    print(f"predict.py's choice, {str(chosen)[6:]}: {speeds[chosen] / max(speeds.values()):.0%} of the faster "
+          f"precision's speed, {speeds[chosen] / bare:.2f}x the bare fp32 forward pass")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import predict"], cwd=Path(__file__).parent, check=True)
+    print(f"predict.py start-up: imports {time.perf_counter() - t0:.1f} s (in a fresh process)")
+
+    # the data pipeline alone: patches cut, augmented, batched and normalised, as train.py does
     dataset = data.PatchDataset([s[0] for s in scenes], [s[1] for s in scenes], patch)
     loader = torch.utils.data.DataLoader(dataset, batch, shuffle=True)
 
@@ -135,7 +207,8 @@ def main():
     # the loss on gathered labelled pixels, against the same formula over the whole masked map
     logits = torch.randn(batch, 6, patch, patch, device=device, requires_grad=True)
     labels = torch.full((batch, patch, patch), data.IGNORE, device=device)
-    labels.view(batch, -1)[:, torch.randperm(patch * patch)[:100]] = torch.randint(0, 6, (batch, 100), device=device)
+    points = torch.randint(0, 6, (batch, 100), device=device)
+    labels.view(batch, -1)[:, torch.randperm(patch * patch)[:100]] = points
 
     def whole_map():
         p_true = logits.softmax(1).gather(1, labels.clamp(max=5)[:, None])[:, 0]
@@ -143,14 +216,8 @@ def main():
         ((-0.25 * (1 - p_true) ** 2 * p_true.log() * m).sum() / m.sum()).backward()
 
     gathered = timed(lambda: partial_focal_ce(logits, labels).backward(), device, reps) * 1e3
-    print(f"pfCE forward + backward: gathered {gathered:.2f} ms, whole masked map {timed(whole_map, device, reps) * 1e3:.2f} ms")
-
-    # sliding-window inference on an image of the largest size in the data set
-    model = build_model(6, "none").to(device, memory_format=torch.channels_last).eval()
-    image = np.array(Image.fromarray(scenes[0][0]).resize((2149, 1479)))
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    seconds = timed(lambda: predict_mask(model, image, MEAN, STD, dtype), device, max(1, reps // 3), warmup=1)
-    print(f"sliding window, 2149x1479, {str(dtype)[6:]}: {2149 * 1479 / 1e6 / seconds:.2f} MP/s")
+    whole = timed(whole_map, device, reps) * 1e3
+    print(f"pfCE forward + backward: gathered {gathered:.2f} ms, whole masked map {whole:.2f} ms")
 
 
 if __name__ == "__main__":

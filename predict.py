@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import data
-from model import load_checkpoint, pick_device, pick_dtype, to_input
+from model import fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device, pick_dtype, to_input
 
-WINDOW = 1024  # largest window side; windows get smaller to fit the image with little waste
+WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
 OVERLAP = 64  # pixels shared by neighbouring windows, where their logits are blended
 STRIDE = 32  # the encoder's total stride: windows start on its grid, as in a whole-image pass
 
@@ -173,9 +173,11 @@ def main(argv=None):
     if not args.inputs and not args.data:
         p.error("give images or folders to map, or --data (and --tiles) to score")
 
+    keep_freed_memory()
     device = pick_device(args.device)
-    dtype = pick_dtype(args.precision, device)
     model, meta = load_checkpoint(args.ckpt, device)
+    model = fold_batch_norm(model)  # inference only: batch norm becomes part of each convolution
+    dtype = pick_dtype(args.precision, device, model, train=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in zip(meta["classes"], meta["colours"])))

@@ -2,8 +2,12 @@
 
 Fast (no network, tiny data written here); set AERIAL_DATA to a data set to add a real-data run.
 """
+import copy
 import json
 import os
+import platform
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -18,13 +22,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import model
 import predict
 import train
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, load_checkpoint, save_checkpoint, to_input
+from model import MEAN, STD, build_model, fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device
+from model import pick_dtype, save_checkpoint, to_input
 from resnet_unet import ResNetUNet
 
 HERE = Path(__file__).parent
+# the tests must not depend on how pytest was started: torchrun's variables, if pytest runs under
+# it, would make every train.main() here wait for process-group peers
+for name in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]:
+    os.environ.pop(name, None)
 COLOURS = [(226, 169, 41), (132, 41, 246), (110, 193, 228)]  # a 3-class palette for handmade data sets
 
 
@@ -48,6 +58,13 @@ def tiny_args(root, out, *extra):
 
 def run_script(script, *args, **kw):
     return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def default_sigint():
+    """Run in a child before it starts: a job started in the background (`pytest ... &` in a script,
+    some CI runners) inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt
+    handler. The child gets the default, as it would have from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_set(root, classes, images):
@@ -109,6 +126,74 @@ def test_weights_from_a_path_and_from_the_torch_hub_cache(tmp_path, monkeypatch,
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(data.DataError, match="not a torchvision resnet34"):
         build_model(6, str(tmp_path / "other.pth"))
+
+
+def test_folding_batch_norm_changes_no_output():
+    torch.manual_seed(0)
+    net = ResNetUNet(4)
+    with torch.no_grad():  # batch norm statistics and affine weights other than 0 and 1
+        net(torch.randn(4, 3, 64, 64))
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    net.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = net(x)
+        folded = fold_batch_norm(copy.deepcopy(net))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_precision_is_the_faster_of_the_two_timings(monkeypatch, capsys):
+    net, cpu = ResNetUNet(3), torch.device("cpu")
+    timings = {}
+    monkeypatch.setattr(model, "time_network", lambda m, device, dtype, train, size: timings[dtype])
+    monkeypatch.setattr(model, "bf16_possible", lambda device: True)
+    for fp32, bf16, expected in [(0.2, 0.1, torch.bfloat16), (0.1, 0.2, torch.float32)]:
+        timings = {torch.float32: fp32, torch.bfloat16: bf16}
+        assert pick_dtype("auto", cpu, net, train=True) == expected
+        said = capsys.readouterr().out
+        assert said.count("\n") == 1 and f"{fp32 * 1e3:.0f} ms in float32, {bf16 * 1e3:.0f} ms in bfloat16" in said
+    timings = {}  # a forced precision, or hardware without bfloat16: nothing is timed
+    assert pick_dtype("bf16", cpu, net, train=True) == torch.bfloat16
+    assert pick_dtype("fp32", cpu, net, train=True) == torch.float32
+    monkeypatch.setattr(model, "bf16_possible", lambda device: False)
+    assert pick_dtype("auto", cpu, net, train=False) == torch.float32 and capsys.readouterr().out == ""
+
+
+def test_precision_timing_for_real_leaves_the_model_as_it_was(monkeypatch, capsys):
+    monkeypatch.setattr(model, "bf16_possible", lambda device: True)  # time both even where bf16 is slow
+    net = ResNetUNet(3).train()
+    before = copy.deepcopy(net.state_dict())
+    chosen = pick_dtype("auto", torch.device("cpu"), net, train=True, size=64)
+    fp32, bf16 = map(int, re.findall(r"(\d+) ms in", capsys.readouterr().out))
+    assert fp32 == bf16 or chosen == (torch.bfloat16 if bf16 < fp32 else torch.float32)  # what its timings say
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_device_auto_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu"
+    with pytest.raises(data.DataError, match="no Apple GPU"):
+        pick_device("mps")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
+def test_freed_memory_is_kept_for_reuse():
+    keep_freed_memory()
+
+    def page_faults_of_a_new_64mb_tensor():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20)  # written once, then freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    for _ in range(3):  # the first times, the heap grows: its memory comes from the OS
+        page_faults_of_a_new_64mb_tensor()
+    assert page_faults_of_a_new_64mb_tensor() < 1000  # then it is reused (16384 pages otherwise)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -459,7 +544,8 @@ def test_kill_9_then_resume_gives_the_same_loss_table(tiny, tmp_path):
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tiny, tmp_path):
     args = tiny_args(tiny, tmp_path / "run", "--epochs", "50")
-    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     wait_for_epochs(tmp_path / "run", 1, proc)
     proc.send_signal(signal.SIGINT)
     said = proc.communicate(timeout=60)[0]

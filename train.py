@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, load_checkpoint, pick_device, pick_dtype, save_checkpoint, to_input
+from model import (MEAN, STD, build_model, keep_freed_memory, load_checkpoint, pick_device, pick_dtype,
+                   save_checkpoint, to_input)
 from predict import colourize, evaluate, predict_mask, side_by_side
 
 KAGGLE = Path(__file__).parent / "data" / "Semantic segmentation dataset"  # where the README says to unzip
@@ -136,6 +137,7 @@ def write_panel(path, model, meta, image, mask, args, dtype):
 
 def main(argv=None):
     args = get_args(argv)
+    keep_freed_memory()
     device = pick_device(args.device)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # started by torchrun: one process per GPU (nccl) or per CPU share (gloo)
@@ -146,7 +148,6 @@ def main(argv=None):
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dtype = pick_dtype(args.precision, device)
 
     # where the run goes, and what may already be there
     out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
@@ -155,7 +156,7 @@ def main(argv=None):
     if args.resume:
         if not ckpt_path.exists():
             raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start it again with --overwrite")
-        _, ckpt = load_checkpoint(ckpt_path)  # on the CPU: load_state_dict below moves it
+        _, ckpt = load_checkpoint(ckpt_path, mmap=False)  # on the CPU: load_state_dict below moves it
         for k in SAME_ON_RESUME:
             if getattr(args, k) != ckpt["args"][k]:
                 raise data.DataError(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the run's {ckpt['args'][k]}")
@@ -209,6 +210,10 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = build_model(len(class_names), args.weights).to(device, memory_format=torch.channels_last)
+    dtype = [pick_dtype(args.precision, device, model, train=True, size=args.patch) if rank == 0 else None]
+    if world > 1:  # rank 0 timed it: every process trains in the precision it chose
+        dist.broadcast_object_list(dtype, src=0)
+    dtype = dtype[0]
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     meta = {"classes": class_names, "colours": colours, "mean": MEAN, "std": STD, "patch": args.patch}
     history, start = [], 0
