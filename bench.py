@@ -105,13 +105,15 @@ def flops_per_patch(model, patch):
     return counter.get_total_flops()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark training, inference, data and loss speed.")
     p.add_argument("--quick", action="store_true", help="3 repetitions instead of 10: about a minute")
     p.add_argument("--device", default="auto", help="'auto' (cuda, then mps, when present), 'cpu', 'cuda', ..."
                    " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="patches per training step (default: %(default)s)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise data.DataError(f"--batch-size {args.batch_size}: must be 1 or more")
     device = pick_device(args.device)
     reps = 3 if args.quick else 10
     batch, patch, dtypes = args.batch_size, 256, [FP32] + ([BF16] if bf16_possible(device) else [])
@@ -221,4 +223,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(data.command_line(main))

@@ -172,14 +172,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.inputs and not args.data:
         p.error("give images or folders to map, or --data (and --tiles) to score")
-
+    out = Path(args.out)
+    data.check_writable(out, "--out")
     keep_freed_memory()
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.ckpt, device)
     model = fold_batch_norm(model)  # inference only: batch norm becomes part of each convolution
     dtype = pick_dtype(args.precision, device, model, train=False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in zip(meta["classes"], meta["colours"])))
 
     if args.data:
@@ -216,8 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(data.command_line(main))

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 train.py ...                    # DistributedDataParallel
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -21,48 +22,93 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 from loss import partial_focal_ce
-from model import (MEAN, STD, build_model, keep_freed_memory, load_checkpoint, pick_device, pick_dtype,
-                   save_checkpoint, to_input)
+from model import MEAN, STD, build_model, fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device
+from model import pick_dtype, save_checkpoint, to_input
 from predict import colourize, evaluate, predict_mask, side_by_side
 
-KAGGLE = Path(__file__).parent / "data" / "Semantic segmentation dataset"  # where the README says to unzip
-SYNTHETIC = Path(__file__).parent / "data" / "synthetic"
+HERE = Path(__file__).parent
+KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
+SYNTHETIC = HERE / "data" / "synthetic"
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
-SAME_ON_RESUME = ["data", "train_tiles", "val_tiles", "points", "point_labels", "batch_size", "lr", "lr_schedule",
-                  "gamma", "alpha", "class_weights", "patch", "weights", "seed", "precision"]  # fmt: skip
+SAME_ON_RESUME = ["data", "train_tiles", "val_tiles", "points", "point_labels", "batch_size", "lr",
+                  "lr_schedule", "gamma", "alpha", "class_weights", "patch", "weights", "seed", "precision"]
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a U-Net (ResNet-34 encoder) from point labels with pfCE.")
-    p.add_argument("--data", default=None, help=f"data set in the Kaggle layout (default: '{KAGGLE.relative_to(Path(__file__).parent)}' if there, else a synthetic set)")
-    p.add_argument("--train-tiles", default="", help="comma list of tile numbers to train on (default: all but the last)")
-    p.add_argument("--val-tiles", default="", help="comma list of tile numbers to validate on (default: the last)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
-    p.add_argument("--points", type=int, default=100, help="point labels per patch, drawn once; 0 trains on the dense masks (default: %(default)s)")
-    p.add_argument("--point-labels", default=None, help="CSV of real clicks (image,x,y,class) to train from instead")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per step, per process under torchrun (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, the peak of a cosine schedule (default: %(default)s)")
-    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="'cosine' decays the lr to 0 over the run (default: %(default)s)")
-    p.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent; 0 gives cross-entropy (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.25, help="focal loss weight (default: %(default)s)")
-    p.add_argument("--class-weights", default="balanced", choices=["balanced", "none"],
-                   help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")  # fmt: skip
-    p.add_argument("--patch", type=int, default=256, help="side of the square training patches, cut at native resolution (default: %(default)s)")
-    p.add_argument("--weights", default="imagenet", help="encoder init: 'imagenet', 'none' or a torchvision resnet34 .pth (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the points, the init and the batch order (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', ... (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto' is bf16 where the hardware has it natively, else fp32 (default: %(default)s)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<date>_<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    add = p.add_argument
+    add("--data", help=f"data set in the Kaggle layout (default: '{KAGGLE.relative_to(HERE)}' if there, "
+        "else a synthetic set)")
+    add("--train-tiles", default="", help="comma list of tile numbers to train on (default: all but the last)")
+    add("--val-tiles", default="", help="comma list of tile numbers to validate on (default: the last)")
+    add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
+    add("--points", type=int, default=100,
+        help="point labels per patch, drawn once; 0 trains on the dense masks (default: %(default)s)")
+    add("--point-labels", help="CSV of real clicks (image,x,y,class) to train from instead")
+    add("--batch-size", type=int, default=8,
+        help="patches per step, per process under torchrun (default: %(default)s)")
+    add("--lr", type=float, default=1e-3,
+        help="Adam learning rate, the peak of a cosine schedule (default: %(default)s)")
+    add("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+        help="'cosine' decays the lr to 0 over the run (default: %(default)s)")
+    add("--gamma", type=float, default=2.0, help="focal loss exponent; 0 gives cross-entropy (default: %(default)s)")
+    add("--alpha", type=float, default=0.25, help="focal loss weight (default: %(default)s)")
+    add("--class-weights", default="balanced", choices=["balanced", "none"],
+        help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")
+    add("--patch", type=int, default=256,
+        help="side of the square training patches, cut at native resolution (default: %(default)s)")
+    add("--weights", default="imagenet",
+        help="encoder init: 'imagenet', 'none' or a torchvision resnet34 .pth (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the points, the init and the batch order (default: %(default)s)")
+    add("--device", default="auto",
+        help="'auto' (cuda, else mps, when present), 'cpu', 'cuda', ... (default: %(default)s)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+        help="'auto' times both on this machine and takes the faster (default: %(default)s)")
+    add("--out", help="run folder (default: runs/<date>_<time>)")
+    add("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    add("--overwrite", action="store_true", help="replace the run already in --out")
     args = p.parse_args(argv)
-    if args.patch < 32 or args.patch % 32:
-        p.error("--patch must be a multiple of 32 (the encoder's stride)")
+    check_ranges(args)
     return args
+
+
+def check_ranges(args):
+    """Each number as the method means it; a value out of range is one line naming the flag."""
+    ranges = [  # flag, whether its value makes sense, what it must be
+        ("epochs", args.epochs >= 1, "1 or more"),
+        ("points", args.points >= 0, "0 (dense masks) or more"),
+        ("batch_size", args.batch_size >= 1, "1 or more"),
+        ("lr", 0 < args.lr < math.inf, "a number more than 0"),
+        ("gamma", 0 <= args.gamma < math.inf, "0 (plain cross-entropy) or more"),
+        ("alpha", 0 < args.alpha < math.inf, "more than 0 (at 0 the loss is 0 everywhere: nothing is learned)"),
+        ("patch", args.patch >= 32 and args.patch % 32 == 0, "a multiple of 32 (the encoder's stride)"),
+        ("seed", 0 <= args.seed < 2**32, "from 0 to 2**32 - 1"),
+    ]
+    for name, ok, must in ranges:
+        if not ok:
+            raise data.DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
 
 
 class NonFiniteLoss(Exception):
     pass
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+def make_labels(args, root, names, masks, num_classes):
+    """What the model learns from -> (label maps with IGNORE where there is no label, the points or
+    None): points drawn once (before any split into processes), real clicks, or the dense masks."""
+    if args.point_labels:
+        points = data.read_points(args.point_labels, root, names, masks, num_classes)
+    elif args.points > 0:
+        points, short = data.sample_points(masks, args.patch, args.points, args.seed)
+        if short:
+            print(f"--points {args.points}: {short} patches have fewer labelled pixels than that and use all "
+                  "they have")
+    else:
+        return masks, None  # --points 0: the dense masks, the upper bound
+    return data.point_masks(points, masks), points
 
 
 def balanced_weights(labels, num_classes):
@@ -110,7 +156,8 @@ def train_epoch(model, loader, optimizer, device, dtype, args, epoch, names, cla
                     raise NonFiniteLoss(f"epoch {epoch + 1} step {s}: loss is {v}; the batch held patches of {images}")
                 losses.append(v)
             pending = []
-            print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{len(loader)}  loss {np.mean(losses):.4f}  {seen / (time.time() - t0):.1f} patches/s")
+            print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{len(loader)}  loss {np.mean(losses):.4f}  "
+                  f"{seen / (time.time() - t0):.1f} patches/s")
     total = torch.tensor([sum(losses), len(losses), seen / (time.time() - t0)], dtype=torch.float64)
     if dist.is_initialized():  # the mean over every process's batches; patches/s of all together
         dist.all_reduce(total)
@@ -123,77 +170,142 @@ def write_panel(path, model, meta, image, mask, args, dtype):
     p = min(args.patch, h, w)
     y0, x0 = (h - p) // 2, (w - p) // 2  # the centre patch
     image, mask = image[y0 : y0 + p, x0 : x0 + p], mask[y0 : y0 + p, x0 : x0 + p]
-    labels = data.point_masks(data.sample_points([mask], p, args.points, args.seed)[0], [mask]) if args.points else [mask]
+    labels = mask
+    if args.points:
+        labels = data.point_masks(data.sample_points([mask], p, args.points, args.seed)[0], [mask])[0]
     dots = image.copy()
-    ys, xs = np.nonzero(labels[0] != data.IGNORE)
+    ys, xs = np.nonzero(labels != data.IGNORE)
     colours = np.array(meta["colours"], np.uint8)
     for dy in (-1, 0, 1):  # 3x3 dots in the class colour
         for dx in (-1, 0, 1):
-            dots[np.clip(ys + dy, 0, p - 1), np.clip(xs + dx, 0, p - 1)] = colours[labels[0][ys, xs]]
+            dots[np.clip(ys + dy, 0, p - 1), np.clip(xs + dx, 0, p - 1)] = colours[labels[ys, xs]]
     pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
-    panels = [Image.fromarray(image), Image.fromarray(dots), colourize(pred, meta["colours"]), colourize(mask, meta["colours"])]
+    panels = [Image.fromarray(image), Image.fromarray(dots), colourize(pred, colours), colourize(mask, colours)]
     side_by_side(panels).save(path)
+
+
+# ---------------------------------------------------------------------------- around the method
+
+
+def start_processes(device_name):
+    """-> (device, rank, number of processes). Under torchrun: one process per GPU (nccl) or per
+    share of the CPU (gloo), and rank 0 alone prints; otherwise one process."""
+    device = pick_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), world
+
+
+def open_run_folder(args, world):
+    """-> (run folder, the checkpoint to resume or None). A folder that holds a run is refused
+    without --resume or --overwrite; the folder is made and tried for writing before long work."""
+    out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
+    args.out = str(out)
+    ckpt = None
+    if args.resume:
+        if not (out / "ckpt.pt").exists():
+            raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start it again with --overwrite")
+        # read whole, on the CPU (load_state_dict moves it): the next save replaces the file
+        _, ckpt = load_checkpoint(out / "ckpt.pt", mmap=False)
+        for k in SAME_ON_RESUME:
+            if getattr(args, k) != ckpt["args"][k]:
+                flag = "--" + k.replace("_", "-")
+                raise data.DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {ckpt['args'][k]}")
+    elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
+        raise data.DataError(f"{out}: already holds a run; add --resume to continue it or --overwrite to replace it")
+    data.check_writable(out, "--out")
+    if world > 1:
+        dist.barrier()  # every process has looked at --out before anyone writes there
+    return out, ckpt
+
+
+def find_data(args, rank, world):
+    """The user's --data, else the Kaggle set where the README says to unzip it, else a synthetic
+    set (written on first use)."""
+    if args.data is not None or KAGGLE.is_dir():
+        return args.data or KAGGLE
+    if not (SYNTHETIC / "classes.json").exists() and rank == 0:
+        data.make_synthetic(SYNTHETIC)
+    if world > 1:
+        dist.barrier()  # the other processes wait for rank 0 to write it
+    print(f"no --data and no '{KAGGLE}': training on the synthetic set in {SYNTHETIC} (see README)")
+    return SYNTHETIC
+
+
+def choose_tiles(args, root):
+    """-> (training tiles, validation tiles); a tile in both is said in one warning."""
+    tiles = list(data.list_tiles(root))
+    train_tiles = data.tile_list(args.train_tiles, tiles[:-1])
+    val_tiles = data.tile_list(args.val_tiles, tiles[-1:])
+    both = sorted(set(train_tiles) & set(val_tiles))
+    if both:
+        print(f"warning: validation tile(s) {','.join(map(str, both))} are also trained on: their scores are "
+              "optimistic (the model has seen their labels and their pixels)")
+    return train_tiles, val_tiles
+
+
+def check_patch(patch, images):
+    """A patch larger than every training image would train on padding: refused. Images smaller
+    than a patch are padded, and a line says how many."""
+    largest = max((im.shape[:2] for im in images), key=max)
+    if patch > max(largest):
+        raise data.DataError(f"--patch {patch}: larger than every training image (the largest is "
+                             f"{largest[1]}x{largest[0]}); at most {max(largest) // 32 * 32} here")
+    small = sum(min(im.shape[:2]) < patch for im in images)
+    if small:
+        print(f"--patch {patch}: {small} of {len(images)} training images are smaller and are padded with "
+              "mirrored pixels (no labels there)")
+
+
+def resume_state(ckpt, model, optimizer, out):
+    """-> (history, first epoch): the checkpoint's when resuming, else a fresh start."""
+    if ckpt is None:
+        return [], 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resuming {out} after epoch {ckpt['epoch']}")
+    return ckpt["history"], ckpt["epoch"]
+
+
+def save_run(out, model, optimizer, meta, history, args):
+    """The checkpoint and metrics.json, each written whole or not at all."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"]}
+    save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"history": history}, indent=1))
+    tmp.replace(out / "metrics.json")
+
+
+def last_checkpoint(out, history):
+    return f"{out / 'ckpt.pt'} (after epoch {history[-1]['epoch']})" if history else "none (no epoch finished)"
+
+
+# ---------------------------------------------------------------------------- main
 
 
 def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
-    device = pick_device(args.device)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # started by torchrun: one process per GPU (nccl) or per CPU share (gloo)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if rank > 0:  # rank 0 alone prints
-        sys.stdout = open(os.devnull, "w")
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device, rank, world = start_processes(args.device)
+    out, ckpt = open_run_folder(args, world)
 
-    # where the run goes, and what may already be there
-    out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
-    args.out = str(out)
-    ckpt_path = out / "ckpt.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start it again with --overwrite")
-        _, ckpt = load_checkpoint(ckpt_path, mmap=False)  # on the CPU: load_state_dict below moves it
-        for k in SAME_ON_RESUME:
-            if getattr(args, k) != ckpt["args"][k]:
-                raise data.DataError(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the run's {ckpt['args'][k]}")
-    elif (ckpt_path.exists() or (out / "points.csv").exists()) and not args.overwrite:
-        raise data.DataError(f"{out}: already holds a run; add --resume to continue it or --overwrite to replace it")
-    if world > 1:
-        dist.barrier()  # every process has looked at --out before anyone writes there
-
-    # data: the user's, else the Kaggle set where the README says to unzip it, else synthetic
-    root = args.data or (KAGGLE if KAGGLE.is_dir() else SYNTHETIC)
-    if args.data is None and root == SYNTHETIC:
-        if not (SYNTHETIC / "classes.json").exists() and rank == 0:
-            data.make_synthetic(SYNTHETIC)
-        if world > 1:
-            dist.barrier()  # the other processes wait for rank 0 to write it
-        print(f"no --data and no '{KAGGLE}': training on the synthetic set in {SYNTHETIC} (see README for real data)")
-    tiles = list(data.list_tiles(root))
+    # data: images and dense masks of whole tiles, then the labels that are trained on
+    root = find_data(args, rank, world)
+    train_tiles, val_tiles = choose_tiles(args, root)
     class_names, colours = data.read_classes(root)
-    train_tiles = data.tile_list(args.train_tiles, tiles[:-1])
-    val_tiles = data.tile_list(args.val_tiles, tiles[-1:])
     names, images, masks = data.load_tiles(root, train_tiles, colours)
     _, val_images, val_masks = data.load_tiles(root, val_tiles, colours)
-
-    # labels: points drawn once before any split into processes, or real clicks, or dense masks
-    if args.point_labels:
-        points = data.read_points(args.point_labels, root, names, masks, len(class_names))
-    elif args.points > 0:
-        points, short = data.sample_points(masks, args.patch, args.points, args.seed)
-        if short:
-            print(f"--points {args.points}: {short} patches have fewer labelled pixels than that and use all they have")
-    else:
-        points = None  # --points 0: the dense masks, the upper bound
-    labels = masks if points is None else data.point_masks(points, masks)
-    out.mkdir(parents=True, exist_ok=True)
+    check_patch(args.patch, images)
+    labels, points = make_labels(args, root, names, masks, len(class_names))
     if rank == 0 and points is not None:
         data.write_points(out / "points.csv", points, names)
-
     dataset = data.PatchDataset(images, labels, args.patch, augment=True, seed=args.seed)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     cuda = device.type == "cuda"
@@ -201,13 +313,14 @@ def main(argv=None):
     # anew each epoch so they see the dataset's new epoch (its augmentation)
     loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=4 if cuda else 0, pin_memory=cuda)
     n_labels = sum(int((lab != data.IGNORE).sum()) for lab in dataset.labels)
-    print(f"data {root}: train tiles {train_tiles} ({len(images)} images, {len(dataset)} patches, {n_labels} labelled pixels)"
-        f", validate on tiles {val_tiles} ({len(val_images)} images)")  # fmt: skip
+    print(f"data {root}: train tiles {train_tiles} ({len(images)} images, {len(dataset)} patches, {n_labels} "
+          f"labelled pixels), validate on tiles {val_tiles} ({len(val_images)} images)")
     class_weights = None
     if args.class_weights == "balanced":
         class_weights = balanced_weights(dataset.labels, len(class_names)).to(device)
         print("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
 
+    # the model, the precision that is faster on this machine, the optimizer
     torch.manual_seed(args.seed)
     model = build_model(len(class_names), args.weights).to(device, memory_format=torch.channels_last)
     dtype = [pick_dtype(args.precision, device, model, train=True, size=args.patch) if rank == 0 else None]
@@ -216,55 +329,40 @@ def main(argv=None):
     dtype = dtype[0]
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     meta = {"classes": class_names, "colours": colours, "mean": MEAN, "std": STD, "patch": args.patch}
-    history, start = [], 0
-    if args.resume:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history, start = ckpt["history"], ckpt["epoch"]
-        print(f"resuming {out} after epoch {start}")
+    history, start = resume_state(ckpt, model, optimizer, out)
     net = DistributedDataParallel(model) if world > 1 else model
-    print(f"device {device}, {str(dtype).replace('torch.', '')}, {world} process(es); writing to {out}")
+    print(f"device {device}, {str(dtype)[6:]}, {world} process(es); writing to {out}")
 
+    # the loop: an epoch of training, then (rank 0) validation on whole images, checkpoint, panel
     try:
         for epoch in range(start, args.epochs):
             t0 = time.time()
             loss, speed = train_epoch(net, loader, optimizer, device, dtype, args, epoch, names, class_weights)
             if rank == 0:
-                model.eval()
                 t1 = time.time()
-                s = evaluate(model, meta, val_images, val_masks, dtype)
+                folded = fold_batch_norm(copy.deepcopy(model)).eval()  # exactly what predict.py computes
+                s = evaluate(folded, meta, val_images, val_masks, dtype)
                 history.append({"epoch": epoch + 1, "loss": loss, "miou": s["miou"], "iou": s["iou"],
-                                "pixel_acc": s["pixel_acc"], "seconds": time.time() - t0, "patches_per_s": speed})  # fmt: skip
-                save_checkpoint(ckpt_path, {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "epoch": epoch + 1, "history": history, "args": vars(args)})  # fmt: skip
-                tmp = out / "metrics.json.tmp"
-                tmp.write_text(json.dumps({"history": history}, indent=1))
-                tmp.replace(out / "metrics.json")
-                write_panel(out / "panel.png", model, meta, val_images[0], val_masks[0], args, dtype)
+                                "pixel_acc": s["pixel_acc"], "seconds": time.time() - t0, "patches_per_s": speed})
+                save_run(out, model, optimizer, meta, history, args)
+                write_panel(out / "panel.png", folded, meta, val_images[0], val_masks[0], args, dtype)
                 print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  val mIoU {s['miou']:.3f}  pixel acc "
-                    f"{s['pixel_acc']:.3f}  {speed:.1f} patches/s  train {t1 - t0:.0f}s  val {time.time() - t1:.0f}s")  # fmt: skip
+                      f"{s['pixel_acc']:.3f}  {speed:.1f} patches/s  train {t1 - t0:.0f}s  "
+                      f"val {time.time() - t1:.0f}s")
             if world > 1:
                 dist.barrier()
     except KeyboardInterrupt:
-        done = f"{ckpt_path} (after epoch {history[-1]['epoch']})" if history else "none (no epoch finished)"
-        print(f"\ninterrupted; last checkpoint: {done}; continue with --resume")
+        print(f"\ninterrupted; last checkpoint: {last_checkpoint(out, history)}; continue with --resume")
         sys.exit(130)
     except NonFiniteLoss as e:
-        done = f"{ckpt_path} (after epoch {history[-1]['epoch']})" if history else "none"
-        print(f"stopped: {e}; last good checkpoint: {done}")
+        print(f"stopped: {e}; last good checkpoint: {last_checkpoint(out, history)}")
         sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
-    print(f"done: {ckpt_path}, {out / 'metrics.json'}, {out / 'panel.png'}")
+    written = [p for p in (out / "ckpt.pt", out / "metrics.json", out / "panel.png") if p.exists()]
+    print("done: " + ", ".join(map(str, written)))
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # before the first epoch: nothing was written yet
-        print("\ninterrupted before training started", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(data.command_line(main))
