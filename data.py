@@ -108,7 +108,7 @@ def read_image(path):
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
-    except OSError as e:  # also truncated files and files that are no image
+    except (OSError, Image.DecompressionBombError) as e:  # truncated, no image, or past Pillow's size guard
         raise DataError(f"{path}: cannot read image ({e})")
 
 

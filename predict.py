@@ -5,6 +5,7 @@ masks and overlays, and per-class IoU / mIoU / pixel accuracy against dense mask
     python predict.py --ckpt RUN/ckpt.pt --data ROOT --tiles 7 --out DIR
 """
 import argparse
+import csv
 import json
 import math
 import sys
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import data
+import scene
 from model import fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device, pick_dtype, to_input
 
 WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
@@ -39,10 +41,11 @@ def ramp(side, overlap, device):
 
 
 @torch.no_grad()
-def sliding_window(model, image, mean, std, dtype, window=WINDOW, overlap=OVERLAP):
+def sliding_window(model, image, mean, std, dtype, window, overlap=OVERLAP):
     """Yield the logits of an (H, W, 3) uint8 image in horizontal bands, top to bottom:
     (C, rows, W) float32 on the model's device. Only one band of windows is held at a time, so
-    memory is bounded by the window and the image width, not by the image."""
+    this memory is bounded by the window and the image width, not by the image's height. The
+    caller lets go of a band before asking for the next."""
     device = next(model.parameters()).device
     h, w = image.shape[:2]
     ys, wh = window_starts(h, window, overlap)
@@ -66,15 +69,28 @@ def sliding_window(model, image, mean, std, dtype, window=WINDOW, overlap=OVERLA
             acc[:, :, x : x + ww] += logits * weight
             wsum[:, x : x + ww] += weight
         done = ys[k + 1] - y if k + 1 < len(ys) else wh  # rows no later window touches
-        yield (acc[:, : min(done, h - y), :w] / wsum[: min(done, h - y), :w])
-        carry = (acc[:, done:], wsum[done:])
+        carry = (acc[:, done:].clone(), wsum[done:].clone())  # copies: acc itself can go
+        rows = min(done, h - y)
+        band = acc[:, :rows, :w]
+        band /= wsum[:rows, :w]  # in place: a large scene's band is hundreds of megabytes
+        del acc, wsum
+        yield band
 
 
-def predict_mask(model, image, mean, std, dtype, window=WINDOW):
-    """(H, W, 3) uint8 image -> (H, W) uint8 class map."""
-    bands = sliding_window(model, image, mean, std, dtype, window)
-    # max(0).indices is the argmax, computed several times faster than argmax(0) on CPU
-    return torch.cat([b.max(0).indices.to(torch.uint8).cpu() for b in bands]).numpy()
+def predict_mask(model, image, mean, std, dtype, window=None, progress=False):
+    """(H, W, 3) uint8 image -> (H, W) uint8 class map. With `progress`, a scene that takes several
+    bands of windows gets a line after each: rows done, speed, time left."""
+    h, w = image.shape[:2]
+    pred, done, t0 = np.empty((h, w), np.uint8), 0, time.time()
+    for band in sliding_window(model, image, mean, std, dtype, window or WINDOW):
+        # max(0).indices is the argmax, computed several times faster than argmax(0) on CPU
+        pred[done : done + band.shape[1]] = band.max(0).indices.to(torch.uint8).cpu().numpy()
+        done += band.shape[1]
+        del band  # before the next band is made
+        if progress and done < h:
+            speed = done * w / 1e6 / (time.time() - t0)
+            print(f"  rows {done}/{h}  {speed:.2f} MP/s  {(h - done) * w / 1e6 / speed:.0f}s left", flush=True)
+    return pred
 
 
 def confusion(truth, pred, num_classes):
@@ -150,14 +166,40 @@ def print_scores(s):
 
 
 def image_files(inputs):
-    """Images and folders of images -> list of image paths (folders are not searched recursively)."""
+    """Images and folders of images -> list of image paths, each once (folders are not searched
+    recursively)."""
     files = []
     for p in map(Path, inputs):
         if p.is_dir():
             files += sorted(f for f in p.iterdir() if f.suffix.lower() in data.IMAGE_SUFFIXES)
         else:
             files.append(p)
-    return files
+    return list({f.resolve(): f for f in files}.values())
+
+
+def band_list(text):
+    """'4,3,2' -> [4, 3, 2]: the bands to map as red, green, blue (or one band, as grey)."""
+    try:
+        bands = [int(b) for b in text.split(",")]
+    except ValueError:
+        bands = []
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise data.DataError(f"--bands {text}: expected 1 or 3 band numbers from 1, e.g. 4,3,2")
+    return bands
+
+
+def map_scene(model, meta, dtype, path, stem, bands):
+    """Map one scene and write its mask and overlay -> (class areas rows, paths written, (w, h))."""
+    s = scene.read_scene(path, bands)
+    if s["note"]:
+        print(f"{path}: {s['note']}")
+    pred = predict_mask(model, s["rgb"], meta["mean"], meta["std"], dtype, progress=True)
+    if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
+        pred[~s["valid"]] = data.IGNORE
+    geo = s["geo"]
+    written = [scene.write_mask(colourize(pred, meta["colours"]), stem, geo)]
+    written.append(scene.write_overlay(s["rgb"], pred, meta["colours"], stem, geo))
+    return scene.class_areas(pred, meta["classes"], geo and geo["pixel_m2"]), written, pred.shape[::-1]
 
 
 def main(argv=None):
@@ -169,9 +211,12 @@ def main(argv=None):
     p.add_argument("--out", default="predictions", help="folder for masks, overlays, pictures and metrics.json (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ... (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto' is bf16 where the hardware has it natively, else fp32 (default: %(default)s)")
+    p.add_argument("--bands", default="", help="bands to map as red,green,blue, counted from 1, e.g. 4,3,2 "
+                   "(default: the first three)")
     args = p.parse_args(argv)
     if not args.inputs and not args.data:
         p.error("give images or folders to map, or --data (and --tiles) to score")
+    bands = band_list(args.bands) if args.bands else None
     out = Path(args.out)
     data.check_writable(out, "--out")
     keep_freed_memory()
@@ -192,22 +237,25 @@ def main(argv=None):
         print_scores(s)
         (out / "metrics.json").write_text(json.dumps(s, indent=1))
 
-    failed = []
-    for path in image_files(args.inputs):
+    files = image_files(args.inputs)
+    stems, note = scene.output_stems(files)
+    if note:
+        print(note)
+    failed, areas = [], []
+    for path, stem in zip(files, stems):
         t0 = time.time()
         try:
-            image = data.read_image(path)
+            rows, written, (w, h) = map_scene(model, meta, dtype, path, out / stem, bands)
         except data.DataError as e:
             print(f"skipped: {e}")
             failed.append(path)
             continue
-        pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
-        mask = colourize(pred, meta["colours"])
-        mask.save(out / f"{path.stem}_mask.png")
-        Image.blend(Image.fromarray(image), mask.convert("RGB"), 0.5).save(out / f"{path.stem}_overlay.jpg", quality=90)
+        areas += [(path, *row) for row in rows]
         dt = time.time() - t0
-        h, w = pred.shape
-        print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s")
+        print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s  -> {', '.join(map(str, written))}")
+    if areas:
+        with open(out / "areas.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares"), *areas])
     if failed:
         print(f"{len(failed)} of the inputs could not be read: " + ", ".join(map(str, failed)))
         return 1

@@ -3,26 +3,30 @@
 Fast (no network, tiny data written here); set AERIAL_DATA to a data set to add a real-data run.
 """
 import copy
+import csv
 import json
 import os
 import platform
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 import data
 import model
 import predict
+import scene
 import train
 from loss import partial_focal_ce
 from model import MEAN, STD, build_model, fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device
@@ -322,6 +326,182 @@ def test_scores_on_a_handmade_case():
     assert s["pixel_acc"] == 4 / 6
 
 
+# ---------------------------------------------------------------------------- real scenes
+
+
+def write_tiff(path, samples, deflate=False, tile=None, planar=False, extra=()):
+    """A TIFF written by hand, as GDAL writes them: (H, W, S) samples, little-endian, in strips of
+    8 rows or in square tiles, bands interleaved or in planes, raw or deflated after horizontal
+    differencing. The reference the reader is checked against."""
+    h, w, s = samples.shape
+    bh, bw = (tile, tile) if tile else (8, w)
+    blocks = []
+    for plane in [samples[..., i : i + 1] for i in range(s)] if planar else [samples]:
+        for y in range(0, h, bh):
+            for x in range(0, w, bw):
+                b = plane[y : y + bh, x : x + bw]
+                b = np.pad(b, ((0, bh - b.shape[0]), (0, bw - b.shape[1]), (0, 0))) if tile else b
+                b = np.diff(b, axis=1, prepend=np.zeros_like(b[:, :1])) if deflate else b
+                raw = b.astype(samples.dtype.newbyteorder("<")).tobytes()
+                blocks.append(zlib.compress(raw) if deflate else raw)
+    offsets = [8 + sum(map(len, blocks[:i])) for i in range(len(blocks))]
+    kind = {"u": 1, "i": 2, "f": 3}[samples.dtype.kind]
+    tags = {256: [w], 257: [h], 258: [samples.dtype.itemsize * 8] * s, 259: [8 if deflate else 1],
+            262: [2 if s >= 3 else 1], 277: [s], 284: [2 if planar else 1], 317: [2 if deflate else 1],
+            339: [kind] * s, **({338: list(extra)} if extra else {})}
+    names = (322, 323, 324, 325) if tile else (None, 278, 273, 279)
+    tags.update({k: v for k, v in zip(names, [[bw], [bh], offsets, list(map(len, blocks))]) if k})
+    body, entries = bytearray(b"II*\0\0\0\0\0" + b"".join(blocks)), []
+    for tag in sorted(tags):
+        kind = 4 if tag in (256, 257, 273, 278, 279, 324, 325) else 3  # LONG or SHORT
+        raw = struct.pack(f"<{len(tags[tag])}{'I' if kind == 4 else 'H'}", *tags[tag])
+        body += b"\0" * (len(body) % 2)
+        entries.append(struct.pack("<HHI", tag, kind, len(tags[tag])) + (raw.ljust(4, b"\0") if len(raw) <= 4
+                                                                         else struct.pack("<I", len(body))))
+        body += raw if len(raw) > 4 else b""
+    body += b"\0" * (len(body) % 2)
+    body[4:8] = struct.pack("<I", len(body))
+    Path(path).write_bytes(body + struct.pack("<H", len(entries)) + b"".join(entries) + b"\0" * 4)
+
+
+def stretched(band, low=2, high=98):
+    """The percentile stretch written out for one band, in float64."""
+    lo, hi = np.percentile(band.astype(np.float64), [low, high])
+    return np.clip((band - lo) * 255 / (hi - lo), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("deflate, tile, planar", [(False, None, False), (True, None, False), (False, 16, False),
+                                                   (True, 16, True), (False, None, True)])
+def test_tiffs_of_many_bands_and_16_bits_are_read_sample_by_sample(tmp_path, deflate, tile, planar):
+    rng = np.random.default_rng(0)
+    five = rng.integers(0, 256, (37, 45, 5)).astype(np.uint8)
+    write_tiff(tmp_path / "five.tif", five, deflate, tile, planar)
+    s = scene.read_scene(tmp_path / "five.tif", bands=[4, 3, 2])
+    assert np.array_equal(s["rgb"], five[..., [3, 2, 1]]) and s["note"] == "bands 4,3,2 of 5"
+    assert s["valid"] is None and s["geo"] is None
+    first = scene.read_scene(tmp_path / "five.tif")
+    assert np.array_equal(first["rgb"], five[..., :3]) and "5 bands: using 1,2,3" in first["note"]
+    # 16 bits, three bands and an alpha: each band stretched on its own, alpha 0 is no data
+    deep = rng.integers(1000, 52000, (37, 45, 4)).astype(np.uint16)
+    deep[..., 3] = np.where(rng.random((37, 45)) < 0.1, 0, 65535)
+    write_tiff(tmp_path / "deep.tif", deep, deflate, tile, planar, extra=[2])
+    s = scene.read_scene(tmp_path / "deep.tif")
+    assert np.array_equal(s["valid"], deep[..., 3] > 0)
+    ours = s["rgb"].astype(int)
+    for b in range(3):
+        ref = deep[..., b].astype(np.float64)
+        lo, hi = np.percentile(ref[s["valid"]], [2, 98])
+        assert np.abs(ours[..., b] - np.clip((ref - lo) * 255 / (hi - lo), 0, 255).astype(int)).max() <= 1
+    assert "16-bit: stretched per band between percentiles 2 and 98" in s["note"]
+
+
+def test_16_bit_single_band_is_stretched_and_unreadable_layouts_are_one_line(tmp_path):
+    values = np.random.default_rng(1).integers(1000, 52000, (30, 40)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "band.tif")  # what Pillow's conversion to RGB clips
+    s = scene.read_scene(tmp_path / "band.tif")
+    ref = stretched(values)
+    assert np.array_equal(s["rgb"], np.stack([ref] * 3, -1)) and s["note"].startswith("16-bit: stretched")
+    write_tiff(tmp_path / "lzw.tif", np.zeros((8, 8, 5), np.uint8))
+    raw = bytearray((tmp_path / "lzw.tif").read_bytes())
+    i = raw.index(struct.pack("<HHI", 259, 3, 1))
+    raw[i + 8 : i + 10] = struct.pack("<H", 5)  # compression 5: LZW
+    (tmp_path / "lzw.tif").write_bytes(raw)
+    with pytest.raises(data.DataError, match="compression 5.*uncompressed or deflated only"):
+        scene.read_scene(tmp_path / "lzw.tif")
+    write_tiff(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(data.DataError, match="has 5 band.s., --bands asks for band 7"):
+        scene.read_scene(tmp_path / "five.tif", bands=[7, 1, 2])
+    with pytest.raises(data.DataError, match="--bands 2,1: expected 1 or 3 band numbers"):
+        predict.band_list("2,1")
+
+
+def geotiff_tags(transform=None, point=False):
+    """GeoTIFF tags of a UTM zone 40N raster in metres: 0.5 m pixels from (500000, 2800000), or
+    an affine transform; raster coordinates at pixel corners, or centres with `point`."""
+    tags = {34735: (3, (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 2 if point else 1, 3072, 0, 1, 32640,
+                        3076, 0, 1, 9001)), 34737: (2, "WGS 84 / UTM zone 40N|")}
+    if transform:
+        return {**tags, 34264: (12, tuple(transform))}
+    return {**tags, 33550: (12, (0.5, 0.5, 0.0)), 33922: (12, (0.0, 0.0, 0.0, 500000.0, 2800000.0, 0.0))}
+
+
+def test_world_numbers_from_geotiff_tags():
+    def centre_of_top_left_pixel(m, corner):  # the 4x4 transform applied to raster (0.5, 0.5) or (0, 0)
+        i = j = 0.5 if corner else 0.0
+        return [m[0] * i + m[1] * j + m[3], m[4] * i + m[5] * j + m[7]]
+
+    m = [0.3, 0.1, 0, 400000.0, -0.05, -0.3, 0, 3000000.0, 0, 0, 0, 0, 0, 0, 0, 1]
+    for point in (False, True):
+        world = scene.world_from_tags(geotiff_tags(m, point))
+        assert world[:4] == [0.3, -0.05, 0.1, -0.3]
+        assert world[4:] == pytest.approx(centre_of_top_left_pixel(m, corner=not point))
+    assert scene.world_from_tags(geotiff_tags()) == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
+    assert scene.world_from_tags(geotiff_tags(point=True))[4:] == [500000.0, 2800000.0]
+
+
+def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    for tag, (kind, value) in geotiff_tags().items():
+        info[tag], info.tagtype[tag] = value, kind
+    rgba = rng.integers(0, 256, (70, 90, 4)).astype(np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :20, 3] = 0  # an orthomosaic's empty border: no data
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ortho.tif", tiffinfo=info)
+    out = tmp_path / "out"
+    assert predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "ortho.tif"), "--out", str(out),
+                         "--precision", "fp32"]) == 0
+    mask = Image.open(out / "ortho_mask.tif")
+    for tag, (kind, value) in geotiff_tags().items():  # the georeferencing, value by value
+        assert mask.tag_v2[tag] == value and mask.tag_v2.tagtype[tag] == kind
+    classes = np.array(mask)
+    assert classes.shape == (70, 90) and (classes[:, :20] == data.IGNORE).all() and (classes[:, 20:] < 5).all()
+    world = [float(v) for v in (out / "ortho_overlay.jgw").read_text().split()]
+    assert world == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
+    rows = list(csv.DictReader(open(out / "areas.csv")))
+    assert [r["class"] for r in rows] == torch.load(tiny_run[1] / "ckpt.pt", weights_only=True)["classes"]
+    assert sum(int(r["pixels"]) for r in rows) == 70 * 70  # the valid pixels
+    for r in rows:
+        assert float(r["hectares"]) == pytest.approx(int(r["pixels"]) * 0.25 / 1e4, abs=1e-4)
+        assert float(r["share"]) == pytest.approx(int(r["pixels"]) / 4900, abs=1e-4)
+
+
+def test_world_files_carry_over_and_shared_names_stay_apart(tiny_run, tmp_path, capsys):
+    image = np.random.default_rng(0).integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(image).save(tmp_path / folder / "scene.jpg")
+    (tmp_path / "a" / "scene.jgw").write_text("0.3\n0\n0\n-0.3\n400000.15\n3000000.15\n")
+    (tmp_path / "a" / "scene.prj").write_text("PROJCS[...]")
+    out = tmp_path / "out"
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--out", str(out), "--precision", "fp32"]
+    scenes = [str(tmp_path / f / "scene.jpg") for f in ("a", "b")]
+    assert predict.main(args + scenes + scenes[:1]) == 0  # the same file twice is mapped once
+    said = capsys.readouterr().out
+    assert "share a file name" in said and said.count("a_scene_mask.png") == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_mask.prj", "a_scene_overlay.jgw", "a_scene_overlay.jpg",
+        "a_scene_overlay.prj", "areas.csv", "b_scene_mask.png", "b_scene_overlay.jpg"]
+    assert (out / "a_scene_mask.pgw").read_text().split() == ["0.3", "0.0", "0.0", "-0.3", "400000.15", "3000000.15"]
+    assert all(r["hectares"] == "" for r in csv.DictReader(open(out / "areas.csv")))  # a world file has no units
+
+
+def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the guard refuses images over 2000 pixels
+    monkeypatch.setattr(predict, "WINDOW", 96)  # several bands of windows
+    image = np.random.default_rng(0).integers(0, 256, (200, 60, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "big.png")
+    with pytest.raises(data.DataError, match="decompression bomb"):  # still on for data sets
+        data.read_image(tmp_path / "big.png")
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "big.png"), "--out", str(tmp_path / "o")]
+    assert predict.main(args + ["--precision", "fp32"]) == 0
+    assert Image.MAX_IMAGE_PIXELS == 1000  # and back on after it
+    said = capsys.readouterr().out
+    assert re.search(r"rows \d+/200  [\d.]+ MP/s  \d+s left", said)
+    monkeypatch.undo()
+    assert Image.open(tmp_path / "o" / "big_mask.png").size == (60, 200)
+
+
 # ---------------------------------------------------------------------------- training end to end
 
 
@@ -357,7 +537,10 @@ def test_predict_writes_masks_overlays_and_scores(tiny, tiny_run, tmp_path, caps
     for stem in ["rgba", "grey"]:
         mask = Image.open(out / f"{stem}_mask.png")
         assert mask.size == (70, 50) and Image.open(out / f"{stem}_overlay.jpg").size == (70, 50)
-        assert {c for _, c in mask.convert("RGB").getcolors()} <= palette
+        classes = np.array(mask)
+        empty = rgba[..., 3] == 0 if stem == "rgba" else np.zeros((50, 70), bool)  # alpha 0: no data
+        assert (classes[empty] == data.IGNORE).all() and (classes[~empty] < len(palette)).all()
+        assert {c for _, c in mask.convert("RGB").getcolors()} <= palette | {(0, 0, 0)}
     # scoring: the numbers train.py printed for the same tile and the same checkpoint
     assert predict.main(["--ckpt", str(ckpt), "--data", str(tiny), "--tiles", "3", "--out", str(out),
                          "--precision", "fp32"]) == 0  # fmt: skip
