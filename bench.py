@@ -108,9 +108,10 @@ def flops_per_patch(model, patch):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark training, inference, data and loss speed.")
     p.add_argument("--quick", action="store_true", help="3 repetitions instead of 10: about a minute")
-    p.add_argument("--device", default="auto", help="'auto' (cuda, then mps, when present), 'cpu', 'cuda', ..."
-                   " (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per training step (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (cuda, then mps, when present), 'cpu', 'cuda', ... (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="patches per training step (default: %(default)s)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise data.DataError(f"--batch-size {args.batch_size}: must be 1 or more")
@@ -134,13 +135,15 @@ def main(argv=None):
         ref_model, ref_name = smp.Unet("resnet34", encoder_weights=None, classes=6), "smp Unet + FocalLoss"
     except ImportError:
         ref_model, ref_name = build_model(6, "none"), "this U-Net + smp's focal loss (no smp here)"
-    reference = train_step_fn(ref_model.to(device), smp_focal_loss, device, FP32, batch, patch, contiguous=True)
+    ref_model = ref_model.to(device)
+    reference = train_step_fn(ref_model, smp_focal_loss, device, FP32, batch, patch, contiguous=True)
     rows = {"reference": timed(reference, device, reps)}
     model = build_model(6, "none").to(device, memory_format=torch.channels_last)
-    rows["malloc defaults"] = timed(train_step_fn(model, partial_focal_ce, device, FP32, batch, patch), device, reps)
+    ours = {dt: train_step_fn(model, partial_focal_ce, device, dt, batch, patch) for dt in dtypes}
+    rows["malloc defaults"] = timed(ours[FP32], device, reps)
     keep_freed_memory()  # what train.py and predict.py do first
     for dt in dtypes:
-        rows[dt] = timed(train_step_fn(model, partial_focal_ce, device, dt, batch, patch), device, reps)
+        rows[dt] = timed(ours[dt], device, reps)
     names = {
         "reference": f"reference: {ref_name}, fp32, contiguous",
         "malloc defaults": "ours, fp32, channels_last, glibc malloc defaults",
@@ -151,12 +154,12 @@ def main(argv=None):
     for k, seconds in rows.items():
         dt = k if k in peaks else FP32
         speed = batch / seconds
-        print(f"  {names[k]:<56}{speed:>10.2f}{speed * flops / 1e9:>9.0f}{speed * flops / 1e9 / peaks[dt]:>9.0%}"
-              f"{rows['reference'] / seconds:>7.2f}")
+        gflops, ratio = speed * flops / 1e9, rows["reference"] / seconds
+        print(f"  {names[k]:<56}{speed:>10.2f}{gflops:>9.0f}{gflops / peaks[dt]:>9.0%}{ratio:>7.2f}")
     chosen = pick_dtype("auto", device, model, train=True)
     fastest = min(rows[dt] for dt in dtypes)
-    print(f"train.py's choice, {str(chosen)[6:]}: {fastest / rows[chosen]:.0%} of the faster precision's speed, "
-          f"{rows['reference'] / rows[chosen]:.2f}x the reference")
+    print(f"train.py's choice, {str(chosen)[6:]}: {fastest / rows[chosen]:.0%} of the faster precision's "
+          f"speed, {rows['reference'] / rows[chosen]:.2f}x the reference")
     if device.type == "cuda":
         print(f"peak GPU memory of training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
@@ -187,8 +190,9 @@ def main(argv=None):
         print(f"predict.py per image, {str(dt)[6:]}, batch norm folded: {speed:.2f} MP/s, "
               f"{speed / bare:.2f}x bare fp32")
     chosen = pick_dtype("auto", device, folded, train=False)
-    print(f"predict.py's choice, {str(chosen)[6:]}: {speeds[chosen] / max(speeds.values()):.0%} of the faster "
-          f"precision's speed, {speeds[chosen] / bare:.2f}x the bare fp32 forward pass")
+    share = speeds[chosen] / max(speeds.values())
+    print(f"predict.py's choice, {str(chosen)[6:]}: {share:.0%} of the faster precision's speed, "
+          f"{speeds[chosen] / bare:.2f}x the bare fp32 forward pass")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import predict"], cwd=Path(__file__).parent, check=True)
     print(f"predict.py start-up: imports {time.perf_counter() - t0:.1f} s (in a fresh process)")

@@ -65,7 +65,7 @@ def read_classes(root):
     except FileNotFoundError:
         raise DataError(f"{path}: not found (every data set needs one, see README)")
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a list of classes with 'title' and 'color' ({e.__class__.__name__}: {e})")
+        raise DataError(f"{path}: not a list of classes with 'title' and 'color' ({type(e).__name__}: {e})")
     for h in hexes:
         if not isinstance(h, str) or not re.fullmatch(r"#[0-9A-Fa-f]{6}", h):
             raise DataError(f"{path}: colour {h!r} is not of the form #RRGGBB")
@@ -144,13 +144,15 @@ def load_tiles(root, tiles, colours):
             mask, n = read_mask(m_path, colours)
             if mask.shape != image.shape[:2]:
                 h, w = image.shape[:2]
-                raise DataError(f"{m_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {path.name} is {w}x{h}")
+                mh, mw = mask.shape
+                raise DataError(f"{m_path}: mask is {mw}x{mh}, its image {path.name} is {w}x{h}")
             names.append(path.relative_to(root).as_posix())
             images.append(image)
             masks.append(mask)
             unknown += n
     if unknown:
-        print(f"tiles {','.join(map(str, tiles))}: {unknown} mask pixels have a colour in no class and are ignored")
+        print(f"tiles {','.join(map(str, tiles))}: {unknown} mask pixels have a colour in no class and are "
+              "ignored")
     return names, images, masks
 
 

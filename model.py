@@ -29,7 +29,8 @@ def build_model(num_classes, weights="imagenet"):
             state = ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except OSError as e:  # URLError, timeouts, a full disk: all OSErrors
             place = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-            print(f"warning: no ImageNet weights ({e}); to use them put {url} at {place}. Going on from random init.")
+            print(f"warning: no ImageNet weights ({e}); to use them put {url} at {place}. Going on from "
+                  "random init.")
             return model
     else:
         try:
@@ -104,7 +105,8 @@ def time_network(model, device, dtype, train, size, reps=2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.set_grad_enabled(train), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+        autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+        with torch.set_grad_enabled(train), autocast:
             y = model(x)
         if train:
             y.float().mean().backward()
@@ -127,8 +129,9 @@ def pick_dtype(name, device, model, train, size=256):
     seconds = {dt: time_network(probe, device, dt, train, size) for dt in (torch.float32, torch.bfloat16)}
     best = min(seconds, key=seconds.get)
     what = "a training step" if train else "a forward pass"
-    print(f"precision: {what} of a {size}x{size} patch takes {seconds[torch.float32] * 1e3:.0f} ms in float32, "
-          f"{seconds[torch.bfloat16] * 1e3:.0f} ms in bfloat16: using {str(best)[6:]}")
+    fp32, bf16 = seconds[torch.float32] * 1e3, seconds[torch.bfloat16] * 1e3
+    print(f"precision: {what} of a {size}x{size} patch takes {fp32:.0f} ms in float32, {bf16:.0f} ms in "
+          f"bfloat16: using {str(best)[6:]}")
     return best
 
 

@@ -62,7 +62,8 @@ def sliding_window(model, image, mean, std, dtype, window, overlap=OVERLAP):
         for x in xs:
             tile = image[y : y + wh, x : x + ww]
             if tile.shape[:2] != (wh, ww):  # past the image's bottom or right edge: mirror it
-                tile = np.pad(tile, ((0, wh - tile.shape[0]), (0, ww - tile.shape[1]), (0, 0)), mode="symmetric")
+                pad = ((0, wh - tile.shape[0]), (0, ww - tile.shape[1]), (0, 0))
+                tile = np.pad(tile, pad, mode="symmetric")
             batch = to_input(torch.from_numpy(np.ascontiguousarray(tile))[None].to(device), mean, std)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(batch)[0].float()  # (C, wh, ww)
@@ -89,7 +90,8 @@ def predict_mask(model, image, mean, std, dtype, window=None, progress=False):
         del band  # before the next band is made
         if progress and done < h:
             speed = done * w / 1e6 / (time.time() - t0)
-            print(f"  rows {done}/{h}  {speed:.2f} MP/s  {(h - done) * w / 1e6 / speed:.0f}s left", flush=True)
+            left = (h - done) * w / 1e6 / speed
+            print(f"  rows {done}/{h}  {speed:.2f} MP/s  {left:.0f}s left", flush=True)
     return pred
 
 
@@ -136,9 +138,11 @@ def compare(image, pred, truth, colours, height=512):
     errors = np.full(truth.shape + (3,), 255, np.uint8)
     errors[pred != truth] = (220, 30, 30)
     errors[truth == data.IGNORE] = 0
-    panels = [Image.fromarray(image), colourize(pred, colours), colourize(truth, colours), Image.fromarray(errors)]
     size = (round(image.shape[1] * height / image.shape[0]), height)
-    return side_by_side([p.resize(size, Image.NEAREST if i else Image.BILINEAR) for i, p in enumerate(panels)])
+    pictures = [Image.fromarray(image).resize(size, Image.BILINEAR)]  # the classes: nearest, no blend
+    pictures += [p.resize(size, Image.NEAREST) for p in (colourize(pred, colours), colourize(truth, colours),
+                                                          Image.fromarray(errors))]
+    return side_by_side(pictures)
 
 
 def evaluate(model, meta, images, masks, dtype, names=None, out=None):
@@ -203,14 +207,17 @@ def map_scene(model, meta, dtype, path, stem, bands):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Map images with a trained model, or score it against dense masks.")
+    p = argparse.ArgumentParser(description="Map images with a trained model, or score it on dense masks.")
     p.add_argument("inputs", nargs="*", help="images (any format Pillow reads) or folders of images to map")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. runs/NAME/ckpt.pt")
     p.add_argument("--data", default=None, help="a data set in the Kaggle layout whose --tiles are scored")
-    p.add_argument("--tiles", default="", help="comma list of the tiles of --data to score (default: the last)")
-    p.add_argument("--out", default="predictions", help="folder for masks, overlays, pictures and metrics.json (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ... (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="'auto' is bf16 where the hardware has it natively, else fp32 (default: %(default)s)")
+    p.add_argument("--tiles", default="", help="comma list of the tiles of --data to score (default: last)")
+    p.add_argument("--out", default="predictions",
+                   help="folder for masks, overlays, areas.csv, scores and pictures (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (cuda, else mps, when present), 'cpu', 'cuda', ... (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="'auto' times both on this machine and takes the faster (default: %(default)s)")
     p.add_argument("--bands", default="", help="bands to map as red,green,blue, counted from 1, e.g. 4,3,2 "
                    "(default: the first three)")
     args = p.parse_args(argv)
@@ -224,12 +231,13 @@ def main(argv=None):
     model, meta = load_checkpoint(args.ckpt, device)
     model = fold_batch_norm(model)  # inference only: batch norm becomes part of each convolution
     dtype = pick_dtype(args.precision, device, model, train=False)
-    print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in zip(meta["classes"], meta["colours"])))
+    legend = zip(meta["classes"], meta["colours"])
+    print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in legend))
 
     if args.data:
         names, colours = data.read_classes(args.data)
         if (names, colours) != (meta["classes"], [tuple(c) for c in meta["colours"]]):
-            raise data.DataError(f"{args.data}/classes.json: its classes differ from those {args.ckpt} was trained on")
+            raise data.DataError(f"{args.data}/classes.json: its classes differ from those of {args.ckpt}")
         tiles = data.tile_list(args.tiles, list(data.list_tiles(args.data))[-1:])
         img_names, images, masks = data.load_tiles(args.data, tiles, colours)
         s = evaluate(model, meta, images, masks, dtype, names=img_names, out=out)

@@ -154,7 +154,8 @@ def georeference(path, tags, size):
     tags = {k: (tags.tagtype[k], tags[k]) for k in GEO_TAGS if k in tags}
     world = world_from_tags(tags)  # the file's own tags first, as GDAL does, then a world file beside it
     if world is None:
-        world = next((read_world_file(p) for p in (path.with_suffix(s) for s in WORLD_FILES) if p.exists()), None)
+        beside = [path.with_suffix(s) for s in WORLD_FILES]
+        world = next((read_world_file(p) for p in beside if p.exists()), None)
     if world is None:
         return None
     prj = path.with_suffix(".prj")

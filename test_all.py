@@ -56,11 +56,12 @@ def tiny_run(tiny, tmp_path_factory):
 
 def tiny_args(root, out, *extra):
     return ["--data", str(root), "--out", str(out), "--patch", "64", "--weights", "none", "--epochs", "1",
-            "--precision", "fp32", "--device", "cpu", *extra]  # fmt: skip
+            "--precision", "fp32", "--device", "cpu", *extra]
 
 
 def run_script(script, *args, **kw):
-    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True, **kw)
+    command = [sys.executable, str(HERE / script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, **kw)
 
 
 def default_sigint():
@@ -84,7 +85,8 @@ def write_set(root, classes, images):
 
 
 def classes_json(colours=COLOURS):
-    return json.dumps({"classes": [{"title": f"c{i}", "color": "#%02X%02X%02X" % c} for i, c in enumerate(colours)]})
+    classes = [{"title": f"c{i}", "color": "#%02X%02X%02X" % c} for i, c in enumerate(colours)]
+    return json.dumps({"classes": classes})
 
 
 # ---------------------------------------------------------------------------- the network
@@ -156,7 +158,8 @@ def test_precision_is_the_faster_of_the_two_timings(monkeypatch, capsys):
         timings = {torch.float32: fp32, torch.bfloat16: bf16}
         assert pick_dtype("auto", cpu, net, train=True) == expected
         said = capsys.readouterr().out
-        assert said.count("\n") == 1 and f"{fp32 * 1e3:.0f} ms in float32, {bf16 * 1e3:.0f} ms in bfloat16" in said
+        assert said.count("\n") == 1
+        assert f"{fp32 * 1e3:.0f} ms in float32, {bf16 * 1e3:.0f} ms in bfloat16" in said
     timings = {}  # a forced precision, or hardware without bfloat16: nothing is timed
     assert pick_dtype("bf16", cpu, net, train=True) == torch.bfloat16
     assert pick_dtype("fp32", cpu, net, train=True) == torch.float32
@@ -170,7 +173,7 @@ def test_precision_timing_for_real_leaves_the_model_as_it_was(monkeypatch, capsy
     before = copy.deepcopy(net.state_dict())
     chosen = pick_dtype("auto", torch.device("cpu"), net, train=True, size=64)
     fp32, bf16 = map(int, re.findall(r"(\d+) ms in", capsys.readouterr().out))
-    assert fp32 == bf16 or chosen == (torch.bfloat16 if bf16 < fp32 else torch.float32)  # what its timings say
+    assert fp32 == bf16 or chosen == (torch.bfloat16 if bf16 < fp32 else torch.float32)  # as timed
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
 
@@ -278,10 +281,8 @@ def test_reader_palette_masks_unknown_colours_and_missing_masks(tmp_path, capsys
     pal.putpalette([v for c in COLOURS for v in c] + [0] * 3 * 6 + [0, 0, 0])
     rgb = np.array(COLOURS + [(0, 0, 0)] * 7, np.uint8)[truth]
     image = np.zeros((2, 4, 3), np.uint8)
-    root = write_set(tmp_path / "set", classes_json(), {
-        "Tile 1/images/a.jpg": (image, pal),
-        "Tile 2/images/b.png": (image, Image.fromarray(rgb)),
-    })  # fmt: skip
+    files = {"Tile 1/images/a.jpg": (image, pal), "Tile 2/images/b.png": (image, Image.fromarray(rgb))}
+    root = write_set(tmp_path / "set", classes_json(), files)
     names, images, masks = data.load_tiles(root, [1, 2], COLOURS)
     expected = np.where(truth == 9, data.IGNORE, truth)
     assert names == ["Tile 1/images/a.jpg", "Tile 2/images/b.png"]
@@ -370,8 +371,12 @@ def stretched(band, low=2, high=98):
     return np.clip((band - lo) * 255 / (hi - lo), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("deflate, tile, planar", [(False, None, False), (True, None, False), (False, 16, False),
-                                                   (True, 16, True), (False, None, True)])
+# deflate, tile side, planar: each way of storing samples the reader knows, and two of them together
+LAYOUTS = [(False, None, False), (True, None, False), (False, 16, False), (False, None, True),
+           (True, 16, True)]
+
+
+@pytest.mark.parametrize("deflate, tile, planar", LAYOUTS)
 def test_tiffs_of_many_bands_and_16_bits_are_read_sample_by_sample(tmp_path, deflate, tile, planar):
     rng = np.random.default_rng(0)
     five = rng.integers(0, 256, (37, 45, 5)).astype(np.uint8)
@@ -449,13 +454,14 @@ def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
     rgba[:, :20, 3] = 0  # an orthomosaic's empty border: no data
     Image.fromarray(rgba, "RGBA").save(tmp_path / "ortho.tif", tiffinfo=info)
     out = tmp_path / "out"
-    assert predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "ortho.tif"), "--out", str(out),
-                         "--precision", "fp32"]) == 0
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "ortho.tif"), "--out", str(out)]
+    assert predict.main(args + ["--precision", "fp32"]) == 0
     mask = Image.open(out / "ortho_mask.tif")
     for tag, (kind, value) in geotiff_tags().items():  # the georeferencing, value by value
         assert mask.tag_v2[tag] == value and mask.tag_v2.tagtype[tag] == kind
     classes = np.array(mask)
-    assert classes.shape == (70, 90) and (classes[:, :20] == data.IGNORE).all() and (classes[:, 20:] < 5).all()
+    assert classes.shape == (70, 90)
+    assert (classes[:, :20] == data.IGNORE).all() and (classes[:, 20:] < 5).all()
     world = [float(v) for v in (out / "ortho_overlay.jgw").read_text().split()]
     assert world == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
     rows = list(csv.DictReader(open(out / "areas.csv")))
@@ -480,10 +486,11 @@ def test_world_files_carry_over_and_shared_names_stay_apart(tiny_run, tmp_path, 
     said = capsys.readouterr().out
     assert "share a file name" in said and said.count("a_scene_mask.png") == 1
     assert sorted(p.name for p in out.iterdir()) == [
-        "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_mask.prj", "a_scene_overlay.jgw", "a_scene_overlay.jpg",
-        "a_scene_overlay.prj", "areas.csv", "b_scene_mask.png", "b_scene_overlay.jpg"]
-    assert (out / "a_scene_mask.pgw").read_text().split() == ["0.3", "0.0", "0.0", "-0.3", "400000.15", "3000000.15"]
-    assert all(r["hectares"] == "" for r in csv.DictReader(open(out / "areas.csv")))  # a world file has no units
+        "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_mask.prj", "a_scene_overlay.jgw",
+        "a_scene_overlay.jpg", "a_scene_overlay.prj", "areas.csv", "b_scene_mask.png", "b_scene_overlay.jpg"]
+    world = (out / "a_scene_mask.pgw").read_text().split()
+    assert world == ["0.3", "0.0", "0.0", "-0.3", "400000.15", "3000000.15"]
+    assert all(r["hectares"] == "" for r in csv.DictReader(open(out / "areas.csv")))  # a world file: no units
 
 
 def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, monkeypatch, capsys):
@@ -543,7 +550,7 @@ def test_predict_writes_masks_overlays_and_scores(tiny, tiny_run, tmp_path, caps
         assert {c for _, c in mask.convert("RGB").getcolors()} <= palette | {(0, 0, 0)}
     # scoring: the numbers train.py printed for the same tile and the same checkpoint
     assert predict.main(["--ckpt", str(ckpt), "--data", str(tiny), "--tiles", "3", "--out", str(out),
-                         "--precision", "fp32"]) == 0  # fmt: skip
+                         "--precision", "fp32"]) == 0
     scored = json.loads((out / "metrics.json").read_text())
     trained = json.loads((tiny_run[1] / "metrics.json").read_text())["history"][-1]
     assert scored["miou"] == pytest.approx(trained["miou"]) and scored["iou"] == trained["iou"]
@@ -555,13 +562,15 @@ def test_torchrun_ranks_end_with_identical_weights(tiny, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = "import sys, torch, train; m = train.main(sys.argv[2:]); torch.save(dict(m.named_parameters()), sys.argv[1])"
+    script = ("import sys, torch, train; m = train.main(sys.argv[2:]); "
+              "torch.save(dict(m.named_parameters()), sys.argv[1])")
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
-        cmd = [sys.executable, "-c", script, str(tmp_path / f"rank{rank}.pt"), *tiny_args(tiny, tmp_path / "run")]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-c", script, tmp_path / f"rank{rank}.pt", *tiny_args(tiny, tmp_path / "run")]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
@@ -580,7 +589,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "nowhere: no such folder" in r.stderr
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     r = run_script("predict.py", "--ckpt", tmp_path / "garbage.pt", "x.jpg", "--out", tmp_path / "p")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "garbage.pt: not a checkpoint" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "garbage.pt: not a checkpoint" in r.stderr
 
 
 def test_bad_arguments_are_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, capsys):
@@ -601,7 +611,7 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, ca
         (train, ["--patch", "48"], "--patch 48: must be a multiple of 32"),
         (train, ["--patch", "4096"], "--patch 4096: larger than every training image (the largest is 96x96)"),
         (train, ["--out", blocked / "run", "--data", nowhere], f"--out {blocked / 'run'}: cannot be written"),
-        (predict, ["--ckpt", nowhere, "x.jpg", "--out", blocked / "p"], f"--out {blocked / 'p'}: cannot be written"),
+        (predict, ["--ckpt", nowhere, "x.jpg", "--out", blocked / "p"], f"--out {blocked / 'p'}: cannot be"),
         (bench, ["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
     ]
     for script, args, message in rows:
@@ -660,7 +670,8 @@ def test_bad_data_sets(tmp_path, case, message):
         path = root / "Tile 1" / "images" / "a.jpg"
         path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
-        train.main(["--data", str(root), "--out", str(tmp_path / "run"), "--train-tiles", tiles, "--val-tiles", tiles])
+        train.main(["--data", str(root), "--out", str(tmp_path / "run"), "--train-tiles", tiles,
+                    "--val-tiles", tiles])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -673,12 +684,15 @@ def test_bad_device(tiny, tmp_path):
 
 def test_points_csv_is_checked_and_used(tiny, tmp_path):
     good = tmp_path / "good.csv"
-    good.write_text("image,x,y,class\nTile 1/images/image_part_001.jpg,50,60,1\nTile 3/images/image_part_001.jpg,5,5,0\n")
+    good.write_text("image,x,y,class\nTile 1/images/image_part_001.jpg,50,60,1\n"
+                    "Tile 3/images/image_part_001.jpg,5,5,0\n")
     train.main(tiny_args(tiny, tmp_path / "run", "--point-labels", str(good), "--lr-schedule", "constant",
-                         "--class-weights", "none"))  # fmt: skip
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-3
+                         "--class-weights", "none"))
+    optimizer = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]
+    assert optimizer["param_groups"][0]["lr"] == 1e-3
     # the row of Tile 3 (validation, not trained on) is skipped; the one point is the one trained on
-    assert (tmp_path / "run" / "points.csv").read_text().splitlines()[1:] == ["Tile 1/images/image_part_001.jpg,50,60,1"]
+    trained = (tmp_path / "run" / "points.csv").read_text().splitlines()[1:]
+    assert trained == ["Tile 1/images/image_part_001.jpg,50,60,1"]
     for row, message in [
         ("Tile 1/images/nope.jpg,1,1,0", "unknown image"),
         ("Tile 1/images/image_part_001.jpg,96,1,0", r"point \(96, 1\) is outside"),
@@ -708,9 +722,11 @@ def test_small_images_are_padded_and_big_point_counts_capped(tmp_path, capsys):
 
 
 def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
-    other = write_set(tmp_path / "other", classes_json(), {"Tile 1/images/a.png": (np.zeros((4, 4, 3), np.uint8), None)})
+    files = {"Tile 1/images/a.png": (np.zeros((4, 4, 3), np.uint8), None)}
+    other = write_set(tmp_path / "other", classes_json(), files)
     with pytest.raises(data.DataError, match="classes differ"):
-        predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--data", str(other), "--out", str(tmp_path / "p")])
+        predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--data", str(other), "--out",
+                      str(tmp_path / "p")])
     with pytest.raises(data.DataError, match="no such checkpoint"):
         predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg"])
 
@@ -757,22 +773,24 @@ def wait_for_epochs(run, n, proc):
 
 def test_kill_9_then_resume_gives_the_same_loss_table(tiny, tmp_path):
     args = tiny_args(tiny, tmp_path / "killed", "--epochs", "3")
-    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, str(HERE / "train.py"), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     wait_for_epochs(tmp_path / "killed", 2, proc)
     proc.send_signal(signal.SIGKILL)  # in epoch 3
     proc.wait()
     resumed = run_script("train.py", *args, "--resume")
     assert resumed.returncode == 0 and "after epoch 2" in resumed.stdout, resumed.stdout + resumed.stderr
     train.main(tiny_args(tiny, tmp_path / "whole", "--epochs", "3"))
-    history = [json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in ("killed", "whole")]
+    runs = [tmp_path / "killed", tmp_path / "whole"]
+    history = [json.loads((run / "metrics.json").read_text())["history"] for run in runs]
     assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]]
     assert [h["miou"] for h in history[0]] == [h["miou"] for h in history[1]]
 
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tiny, tmp_path):
     args = tiny_args(tiny, tmp_path / "run", "--epochs", "50")
-    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
+    command = [sys.executable, str(HERE / "train.py"), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     wait_for_epochs(tmp_path / "run", 1, proc)
     proc.send_signal(signal.SIGINT)
     said = proc.communicate(timeout=60)[0]
@@ -801,7 +819,7 @@ def test_non_finite_loss_stops_with_step_and_images(tiny, tmp_path, monkeypatch,
 # ---------------------------------------------------------------------------- real data (AERIAL_DATA=path)
 
 
-@pytest.mark.skipif(not os.environ.get("AERIAL_DATA"), reason="set AERIAL_DATA to a data set in the Kaggle layout")
+@pytest.mark.skipif(not os.environ.get("AERIAL_DATA"), reason="AERIAL_DATA names a Kaggle-layout data set")
 def test_real_data_one_small_tile(tmp_path):
     root = Path(os.environ["AERIAL_DATA"])
     tile = min(data.list_tiles(root), key=lambda t: Image.open(data.list_tiles(root)[t][0]).size[0])

@@ -39,7 +39,7 @@ def get_args(argv=None):
     add = p.add_argument
     add("--data", help=f"data set in the Kaggle layout (default: '{KAGGLE.relative_to(HERE)}' if there, "
         "else a synthetic set)")
-    add("--train-tiles", default="", help="comma list of tile numbers to train on (default: all but the last)")
+    add("--train-tiles", default="", help="comma list of the tiles to train on (default: all but the last)")
     add("--val-tiles", default="", help="comma list of tile numbers to validate on (default: the last)")
     add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
     add("--points", type=int, default=100,
@@ -51,7 +51,8 @@ def get_args(argv=None):
         help="Adam learning rate, the peak of a cosine schedule (default: %(default)s)")
     add("--lr-schedule", default="cosine", choices=["cosine", "constant"],
         help="'cosine' decays the lr to 0 over the run (default: %(default)s)")
-    add("--gamma", type=float, default=2.0, help="focal loss exponent; 0 gives cross-entropy (default: %(default)s)")
+    add("--gamma", type=float, default=2.0,
+        help="focal loss exponent; 0 gives cross-entropy (default: %(default)s)")
     add("--alpha", type=float, default=0.25, help="focal loss weight (default: %(default)s)")
     add("--class-weights", default="balanced", choices=["balanced", "none"],
         help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")
@@ -59,7 +60,8 @@ def get_args(argv=None):
         help="side of the square training patches, cut at native resolution (default: %(default)s)")
     add("--weights", default="imagenet",
         help="encoder init: 'imagenet', 'none' or a torchvision resnet34 .pth (default: %(default)s)")
-    add("--seed", type=int, default=0, help="seed of the points, the init and the batch order (default: %(default)s)")
+    add("--seed", type=int, default=0,
+        help="seed of the points, the init and the batch order (default: %(default)s)")
     add("--device", default="auto",
         help="'auto' (cuda, else mps, when present), 'cpu', 'cuda', ... (default: %(default)s)")
     add("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -80,7 +82,7 @@ def check_ranges(args):
         ("batch_size", args.batch_size >= 1, "1 or more"),
         ("lr", 0 < args.lr < math.inf, "a number more than 0"),
         ("gamma", 0 <= args.gamma < math.inf, "0 (plain cross-entropy) or more"),
-        ("alpha", 0 < args.alpha < math.inf, "more than 0 (at 0 the loss is 0 everywhere: nothing is learned)"),
+        ("alpha", 0 < args.alpha < math.inf, "more than 0 (at 0 the loss is 0: nothing is learned)"),
         ("patch", args.patch >= 32 and args.patch % 32 == 0, "a multiple of 32 (the encoder's stride)"),
         ("seed", 0 <= args.seed < 2**32, "from 0 to 2**32 - 1"),
     ]
@@ -153,7 +155,8 @@ def train_epoch(model, loader, optimizer, device, dtype, args, epoch, names, cla
             for (s, _, idx), v in zip(pending, torch.stack([p[1] for p in pending]).tolist()):
                 if not math.isfinite(v):
                     images = ", ".join(sorted({names[loader.dataset.items[i][0]] for i in idx.tolist()}))
-                    raise NonFiniteLoss(f"epoch {epoch + 1} step {s}: loss is {v}; the batch held patches of {images}")
+                    raise NonFiniteLoss(f"epoch {epoch + 1} step {s}: loss is {v}; the batch held patches "
+                                        f"of {images}")
                 losses.append(v)
             pending = []
             print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{len(loader)}  loss {np.mean(losses):.4f}  "
@@ -180,8 +183,8 @@ def write_panel(path, model, meta, image, mask, args, dtype):
         for dx in (-1, 0, 1):
             dots[np.clip(ys + dy, 0, p - 1), np.clip(xs + dx, 0, p - 1)] = colours[labels[ys, xs]]
     pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
-    panels = [Image.fromarray(image), Image.fromarray(dots), colourize(pred, colours), colourize(mask, colours)]
-    side_by_side(panels).save(path)
+    side_by_side([Image.fromarray(image), Image.fromarray(dots), colourize(pred, colours),
+                  colourize(mask, colours)]).save(path)
 
 
 # ---------------------------------------------------------------------------- around the method
@@ -211,15 +214,16 @@ def open_run_folder(args, world):
     ckpt = None
     if args.resume:
         if not (out / "ckpt.pt").exists():
-            raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start it again with --overwrite")
+            raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
         # read whole, on the CPU (load_state_dict moves it): the next save replaces the file
         _, ckpt = load_checkpoint(out / "ckpt.pt", mmap=False)
         for k in SAME_ON_RESUME:
             if getattr(args, k) != ckpt["args"][k]:
                 flag = "--" + k.replace("_", "-")
-                raise data.DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {ckpt['args'][k]}")
+                was = ckpt["args"][k]
+                raise data.DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
     elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
-        raise data.DataError(f"{out}: already holds a run; add --resume to continue it or --overwrite to replace it")
+        raise data.DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")
     data.check_writable(out, "--out")
     if world > 1:
         dist.barrier()  # every process has looked at --out before anyone writes there
@@ -284,7 +288,9 @@ def save_run(out, model, optimizer, meta, history, args):
 
 
 def last_checkpoint(out, history):
-    return f"{out / 'ckpt.pt'} (after epoch {history[-1]['epoch']})" if history else "none (no epoch finished)"
+    if not history:
+        return "none (no epoch finished)"
+    return f"{out / 'ckpt.pt'} (after epoch {history[-1]['epoch']})"
 
 
 # ---------------------------------------------------------------------------- main
@@ -311,14 +317,15 @@ def main(argv=None):
     cuda = device.type == "cuda"
     # workers only on the GPU: on the CPU they would take cores from the model; they are started
     # anew each epoch so they see the dataset's new epoch (its augmentation)
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=4 if cuda else 0, pin_memory=cuda)
+    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=4 * cuda, pin_memory=cuda)
     n_labels = sum(int((lab != data.IGNORE).sum()) for lab in dataset.labels)
     print(f"data {root}: train tiles {train_tiles} ({len(images)} images, {len(dataset)} patches, {n_labels} "
           f"labelled pixels), validate on tiles {val_tiles} ({len(val_images)} images)")
     class_weights = None
     if args.class_weights == "balanced":
         class_weights = balanced_weights(dataset.labels, len(class_names)).to(device)
-        print("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
+        pairs = zip(class_names, class_weights.tolist())
+        print("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in pairs))
 
     # the model, the precision that is faster on this machine, the optimizer
     torch.manual_seed(args.seed)
@@ -337,17 +344,19 @@ def main(argv=None):
     try:
         for epoch in range(start, args.epochs):
             t0 = time.time()
-            loss, speed = train_epoch(net, loader, optimizer, device, dtype, args, epoch, names, class_weights)
+            loss, speed = train_epoch(net, loader, optimizer, device, dtype, args, epoch, names,
+                                      class_weights)
             if rank == 0:
                 t1 = time.time()
                 folded = fold_batch_norm(copy.deepcopy(model)).eval()  # exactly what predict.py computes
                 s = evaluate(folded, meta, val_images, val_masks, dtype)
                 history.append({"epoch": epoch + 1, "loss": loss, "miou": s["miou"], "iou": s["iou"],
-                                "pixel_acc": s["pixel_acc"], "seconds": time.time() - t0, "patches_per_s": speed})
+                                "pixel_acc": s["pixel_acc"], "seconds": time.time() - t0,
+                                "patches_per_s": speed})
                 save_run(out, model, optimizer, meta, history, args)
                 write_panel(out / "panel.png", folded, meta, val_images[0], val_masks[0], args, dtype)
-                print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  val mIoU {s['miou']:.3f}  pixel acc "
-                      f"{s['pixel_acc']:.3f}  {speed:.1f} patches/s  train {t1 - t0:.0f}s  "
+                print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  val mIoU {s['miou']:.3f}  "
+                      f"pixel acc {s['pixel_acc']:.3f}  {speed:.1f} patches/s  train {t1 - t0:.0f}s  "
                       f"val {time.time() - t1:.0f}s")
             if world > 1:
                 dist.barrier()
