@@ -40,8 +40,21 @@ def ramp(side, overlap, device):
     return torch.minimum((i + 0.5) / overlap, (side - i - 0.5) / overlap).clamp(max=1)
 
 
+def dihedral_mean(model, x):
+    """Test-time augmentation: the mean of the logits of x (B, 3, H, W) over its 8 flips and quarter
+    turns, each turned back before it is added, so the prediction no longer depends on which way
+    the scene is turned. 8 forward passes instead of one."""
+    total = 0
+    for k in range(4):
+        for flip in (False, True):
+            turned = torch.rot90(x, k, (2, 3))
+            logits = model(turned.flip(3) if flip else turned).float()
+            total = total + torch.rot90(logits.flip(3) if flip else logits, -k, (2, 3))
+    return total / 8
+
+
 @torch.no_grad()
-def sliding_window(model, image, mean, std, dtype, window, overlap=OVERLAP):
+def sliding_window(model, image, mean, std, dtype, window, overlap=OVERLAP, tta=False):
     """Yield the logits of an (H, W, 3) uint8 image in horizontal bands, top to bottom:
     (C, rows, W) float32 on the model's device. Only one band of windows is held at a time, so
     this memory is bounded by the window and the image width, not by the image's height. The
@@ -64,9 +77,9 @@ def sliding_window(model, image, mean, std, dtype, window, overlap=OVERLAP):
             if tile.shape[:2] != (wh, ww):  # past the image's bottom or right edge: mirror it
                 pad = ((0, wh - tile.shape[0]), (0, ww - tile.shape[1]), (0, 0))
                 tile = np.pad(tile, pad, mode="symmetric")
-            batch = to_input(torch.from_numpy(np.ascontiguousarray(tile))[None].to(device), mean, std)
+            batch = to_input(torch.from_numpy(tile.copy())[None].to(device), mean, std)  # copy: writable
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(batch)[0].float()  # (C, wh, ww)
+                logits = (dihedral_mean(model, batch) if tta else model(batch))[0].float()  # (C, wh, ww)
             acc[:, :, x : x + ww] += logits * weight
             wsum[:, x : x + ww] += weight
         done = ys[k + 1] - y if k + 1 < len(ys) else wh  # rows no later window touches
@@ -78,12 +91,12 @@ def sliding_window(model, image, mean, std, dtype, window, overlap=OVERLAP):
         yield band
 
 
-def predict_mask(model, image, mean, std, dtype, window=None, progress=False):
+def predict_mask(model, image, mean, std, dtype, window=None, progress=False, tta=False):
     """(H, W, 3) uint8 image -> (H, W) uint8 class map. With `progress`, a scene that takes several
     bands of windows gets a line after each: rows done, speed, time left."""
     h, w = image.shape[:2]
     pred, done, t0 = np.empty((h, w), np.uint8), 0, time.time()
-    for band in sliding_window(model, image, mean, std, dtype, window or WINDOW):
+    for band in sliding_window(model, image, mean, std, dtype, window or WINDOW, tta=tta):
         # max(0).indices is the argmax, computed several times faster than argmax(0) on CPU
         pred[done : done + band.shape[1]] = band.max(0).indices.to(torch.uint8).cpu().numpy()
         done += band.shape[1]
@@ -145,14 +158,14 @@ def compare(image, pred, truth, colours, height=512):
     return side_by_side(pictures)
 
 
-def evaluate(model, meta, images, masks, dtype, names=None, out=None):
+def evaluate(model, meta, images, masks, dtype, names=None, out=None, tta=False):
     """Score whole images against their dense masks -> scores() dict. `meta` holds the classes,
     colours, mean and std (as a checkpoint does). With `out`, also print one line per image and
     write a side-by-side picture of each, named after `names`."""
     conf = 0
     for i, (image, mask) in enumerate(zip(images, masks)):
         t0 = time.time()
-        pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
+        pred = predict_mask(model, image, meta["mean"], meta["std"], dtype, tta=tta)
         conf = conf + confusion(mask, pred, len(meta["classes"]))
         if out is not None:
             stem = names[i].replace("/", "_").rsplit(".", 1)[0]
@@ -192,12 +205,12 @@ def band_list(text):
     return bands
 
 
-def map_scene(model, meta, dtype, path, stem, bands):
+def map_scene(model, meta, dtype, path, stem, bands, tta=False):
     """Map one scene and write its mask and overlay -> (class areas rows, paths written, (w, h))."""
     s = scene.read_scene(path, bands)
     if s["note"]:
         print(f"{path}: {s['note']}")
-    pred = predict_mask(model, s["rgb"], meta["mean"], meta["std"], dtype, progress=True)
+    pred = predict_mask(model, s["rgb"], meta["mean"], meta["std"], dtype, progress=True, tta=tta)
     if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
         pred[~s["valid"]] = data.IGNORE
     geo = s["geo"]
@@ -218,6 +231,8 @@ def main(argv=None):
                    help="'auto' (cuda, else mps, when present), 'cpu', 'cuda', ... (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="'auto' times both on this machine and takes the faster (default: %(default)s)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the 8 flips and quarter turns (8 times slower)")
     p.add_argument("--bands", default="", help="bands to map as red,green,blue, counted from 1, e.g. 4,3,2 "
                    "(default: the first three)")
     args = p.parse_args(argv)
@@ -240,7 +255,7 @@ def main(argv=None):
             raise data.DataError(f"{args.data}/classes.json: its classes differ from those of {args.ckpt}")
         tiles = data.tile_list(args.tiles, list(data.list_tiles(args.data))[-1:])
         img_names, images, masks = data.load_tiles(args.data, tiles, colours)
-        s = evaluate(model, meta, images, masks, dtype, names=img_names, out=out)
+        s = evaluate(model, meta, images, masks, dtype, names=img_names, out=out, tta=args.tta)
         print(f"scores on tiles {','.join(map(str, tiles))} of {args.data}:")
         print_scores(s)
         (out / "metrics.json").write_text(json.dumps(s, indent=1))
@@ -253,7 +268,7 @@ def main(argv=None):
     for path, stem in zip(files, stems):
         t0 = time.time()
         try:
-            rows, written, (w, h) = map_scene(model, meta, dtype, path, out / stem, bands)
+            rows, written, (w, h) = map_scene(model, meta, dtype, path, out / stem, bands, args.tta)
         except data.DataError as e:
             print(f"skipped: {e}")
             failed.append(path)

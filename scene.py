@@ -134,7 +134,8 @@ def stretch(samples, valid, low=2, high=98):
     sub = samples[::step, ::step].reshape(-1, samples.shape[2])
     if valid is not None:
         sub = sub[valid[::step, ::step].reshape(-1)]
-    lo, hi = np.percentile(sub, [low, high], axis=0) if len(sub) else (np.zeros(2), np.ones(2))
+    n = samples.shape[2]
+    lo, hi = np.percentile(sub, [low, high], axis=0) if len(sub) else (np.zeros(n), np.ones(n))
     scale = 255 / np.maximum(hi - lo, 1e-12)
     out = np.empty(samples.shape, np.uint8)
     for y in range(0, len(samples), 256):  # in strips: a float copy of a whole scene could be gigabytes

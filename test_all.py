@@ -314,6 +314,26 @@ def test_sliding_window_matches_a_whole_image_pass():
     assert small.shape == (40, 33)
 
 
+def test_test_time_augmentation_is_the_mean_over_the_eight_turns():
+    torch.manual_seed(0)
+    model = ResNetUNet(4).eval()
+    image = np.random.default_rng(0).integers(0, 255, (8, 12, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(image).resize((96, 64)))  # one window: no blending
+    logits = torch.cat(list(predict.sliding_window(model, image, MEAN, STD, torch.float32, 128, tta=True)), 1)
+    by_hand = 0
+    with torch.no_grad():
+        for k in range(4):
+            for flip in (False, True):
+                turned = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
+                out = model(to_input(torch.from_numpy(turned.copy())[None]))[0].numpy()
+                by_hand = by_hand + np.rot90(out[:, :, ::-1] if flip else out, -k, axes=(1, 2))
+    assert np.allclose(logits.numpy(), by_hand / 8, atol=1e-4)
+    # so the map of a mirrored scene is the mirrored map
+    maps = [predict.predict_mask(model, im, MEAN, STD, torch.float32, 128, tta=True)
+            for im in (image, np.ascontiguousarray(image[:, ::-1]))]
+    assert np.array_equal(maps[0][:, ::-1], maps[1])
+
+
 def test_scores_on_a_handmade_case():
     truth = np.array([[0, 0, 1, 1], [2, 2, 255, 255]], np.uint8)
     pred = np.array([[0, 1, 1, 1], [2, 0, 3, 3]], np.uint8)
@@ -520,6 +540,7 @@ def test_one_epoch_writes_everything_and_the_checkpoint_reloads(tiny, tiny_run):
     lines = (run / "points.csv").read_text().splitlines()
     assert lines[0] == "image,x,y,class" and len(lines) == 1 + 2 * 2 * 4 * 100  # tiles 1-2, 4 patches each
     assert Image.open(run / "panel.png").size == (4 * 64 + 30, 64)
+    assert Image.open(run / "points.jpg").size == (96, 96)  # the first training image
     reloaded, ckpt = load_checkpoint(run / "ckpt.pt")
     # cosine schedule: 2 steps, the last one at half the peak learning rate
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)

@@ -167,6 +167,17 @@ def train_epoch(model, loader, optimizer, device, dtype, args, epoch, names, cla
     return float(total[0] / total[1]), float(total[2])
 
 
+def draw_points(image, labels, colours):
+    """The image with each labelled pixel drawn as a 3x3 dot in its class colour."""
+    dots, (h, w) = image.copy(), labels.shape
+    ys, xs = np.nonzero(labels != data.IGNORE)
+    colour = np.array(colours, np.uint8)[labels[ys, xs]]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            dots[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] = colour
+    return Image.fromarray(dots)
+
+
 def write_panel(path, model, meta, image, mask, args, dtype):
     """A validation patch: image | point labels drawn on it (what --points means) | prediction | truth."""
     h, w = mask.shape
@@ -176,14 +187,9 @@ def write_panel(path, model, meta, image, mask, args, dtype):
     labels = mask
     if args.points:
         labels = data.point_masks(data.sample_points([mask], p, args.points, args.seed)[0], [mask])[0]
-    dots = image.copy()
-    ys, xs = np.nonzero(labels != data.IGNORE)
-    colours = np.array(meta["colours"], np.uint8)
-    for dy in (-1, 0, 1):  # 3x3 dots in the class colour
-        for dx in (-1, 0, 1):
-            dots[np.clip(ys + dy, 0, p - 1), np.clip(xs + dx, 0, p - 1)] = colours[labels[ys, xs]]
     pred = predict_mask(model, image, meta["mean"], meta["std"], dtype)
-    side_by_side([Image.fromarray(image), Image.fromarray(dots), colourize(pred, colours),
+    colours = meta["colours"]
+    side_by_side([Image.fromarray(image), draw_points(image, labels, colours), colourize(pred, colours),
                   colourize(mask, colours)]).save(path)
 
 
@@ -310,8 +316,9 @@ def main(argv=None):
     _, val_images, val_masks = data.load_tiles(root, val_tiles, colours)
     check_patch(args.patch, images)
     labels, points = make_labels(args, root, names, masks, len(class_names))
-    if rank == 0 and points is not None:
+    if rank == 0 and points is not None:  # the points, and what they look like on a whole image
         data.write_points(out / "points.csv", points, names)
+        draw_points(images[0], labels[0], colours).save(out / "points.jpg", quality=90)
     dataset = data.PatchDataset(images, labels, args.patch, augment=True, seed=args.seed)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     cuda = device.type == "cuda"
