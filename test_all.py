@@ -648,8 +648,8 @@ def test_validating_on_a_training_tile_warns_once_and_trains(tiny, tmp_path, cap
     train.main(tiny_args(tiny, tmp_path / "run", "--train-tiles", "1,2", "--val-tiles", "2"))
     said = capsys.readouterr().out
     assert said.count("warning: validation tile(s) 2 are also trained on") == 1
-    assert said.splitlines()[-1] == "done: " + ", ".join(str(tmp_path / "run" / f) for f in
-                                                         ["ckpt.pt", "metrics.json", "panel.png"])
+    outputs = ["ckpt.pt", "metrics.json", "panel.png", "points.csv", "points.jpg"]
+    assert said.splitlines()[-1] == "done: " + ", ".join(str(tmp_path / "run" / f) for f in outputs)
 
 
 @pytest.mark.parametrize(

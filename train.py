@@ -375,7 +375,8 @@ def main(argv=None):
         sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
-    written = [p for p in (out / "ckpt.pt", out / "metrics.json", out / "panel.png") if p.exists()]
+    outputs = ["ckpt.pt", "metrics.json", "panel.png", "points.csv", "points.jpg"]
+    written = [out / name for name in outputs if (out / name).exists()]
     print("done: " + ", ".join(map(str, written)))
     return model
 
