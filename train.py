@@ -40,7 +40,7 @@ def get_args(argv=None):
     add("--data", help=f"data set in the Kaggle layout (default: '{KAGGLE.relative_to(HERE)}' if there, "
         "else a synthetic set)")
     add("--train-tiles", default="", help="comma list of the tiles to train on (default: all but the last)")
-    add("--val-tiles", default="", help="comma list of tile numbers to validate on (default: the last)")
+    add("--val-tiles", default="", help="comma list of the tiles to validate on (default: the last)")
     add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
     add("--points", type=int, default=100,
         help="point labels per patch, drawn once; 0 trains on the dense masks (default: %(default)s)")
