@@ -21,9 +21,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import sigmoid_focal_loss
 
 import data
+from cli import DataError, command_line
 from loss import partial_focal_ce
-from model import (MEAN, STD, bf16_possible, build_model, fold_batch_norm, keep_freed_memory, pick_device,
-                   pick_dtype, to_input)
+from model import MEAN, STD, build_model, to_input
+from speed import bf16_possible, fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
+from synthetic import synthetic_scene
 from predict import map_scene
 
 FP32, BF16 = torch.float32, torch.bfloat16
@@ -114,7 +116,7 @@ def main(argv=None):
                    help="patches per training step (default: %(default)s)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
-        raise data.DataError(f"--batch-size {args.batch_size}: must be 1 or more")
+        raise DataError(f"--batch-size {args.batch_size}: must be 1 or more")
     device = pick_device(args.device)
     reps = 3 if args.quick else 10
     batch, patch, dtypes = args.batch_size, 256, [FP32] + ([BF16] if bf16_possible(device) else [])
@@ -167,7 +169,7 @@ def main(argv=None):
     # one bare fp32 forward pass of the unfolded network over the whole image
     model.eval()
     rng = np.random.default_rng(0)
-    scenes = [data.synthetic_scene(rng, 1024, 1024) for _ in range(2)]
+    scenes = [synthetic_scene(rng, 1024, 1024) for _ in range(2)]
     tmp = Path(f"bench_{time.time_ns()}")
     tmp.mkdir()
     path = tmp / "scene.jpg"
@@ -224,4 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(data.command_line(main))
+    sys.exit(command_line(main))

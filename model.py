@@ -1,14 +1,12 @@
-"""The model as something you build, save and load: encoder weights, device, precision, checkpoints."""
-import copy
-import ctypes
+"""The model as a file: built with its encoder weights, fed normalised inputs, saved and loaded as a
+checkpoint."""
 import os
-import time
 from pathlib import Path
 
 import torch
 from torchvision.models import ResNet34_Weights
 
-from data import DataError
+from cli import DataError
 from resnet_unet import ResNetUNet
 
 # the encoder's ImageNet weights expect inputs normalised with ImageNet's statistics; a model
@@ -48,111 +46,6 @@ def build_model(num_classes, weights="imagenet"):
         missing, unexpected = [], ["(shapes differ)"]
     if unexpected or any(k.startswith(("conv1", "bn1", "layer")) for k in missing):
         raise DataError(f"--weights {weights}: not a torchvision resnet34 state_dict")
-    return model
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
-
-    By default every freed block over 32 MB goes straight back, so each training step and each
-    inference window page-faults its large activations in again, zero-filled by the kernel.
-    Measured on a 2-core AMD EPYC, keeping them makes an fp32 training step 16% faster and an
-    fp32 forward pass at 1024x1024 40% faster. Linux with glibc only; elsewhere it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap...
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ...and up to 2 GiB of free heap is kept
-    except (OSError, AttributeError):  # no glibc (macOS, Windows, musl)
-        pass
-
-
-def pick_device(name):
-    """'auto' -> cuda when present, else Apple's mps when present, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device {name}: not a device (try 'auto', 'cpu', 'cuda', 'cuda:1', 'mps')")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: this machine has no CUDA GPU (torch sees none)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"--device {name}: this machine has no Apple GPU (torch sees no mps)")
-    return device
-
-
-def bf16_possible(device):
-    """Whether the hardware may compute bfloat16 natively: a GPU that has it, or a CPU whose flags
-    name it (x86 AVX512-BF16 or AMX, Arm's bf16). Where the flags cannot be read, try it."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False  # mps: float32
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return True
-    return "bf16" in flags
-
-
-def time_network(model, device, dtype, train, size, reps=2):
-    """Seconds of one forward pass (train=False) or forward + backward (train=True) of the
-    network on one size x size patch: the best of `reps`, after one warm-up."""
-    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    times = []
-    for _ in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
-        with torch.set_grad_enabled(train), autocast:
-            y = model(x)
-        if train:
-            y.float().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
-
-
-def pick_dtype(name, device, model, train, size=256):
-    """'fp32' or 'bf16' choose. 'auto' measures: where the hardware may compute bfloat16, the
-    network is timed in both precisions and the faster is used. A CPU flag alone is not enough:
-    some Xeons with AVX512-BF16 but no AMX run bfloat16 slower than float32."""
-    if name != "auto":
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-    if not bf16_possible(device):
-        return torch.float32
-    # a copy: a training-mode forward would move the model's batch-norm statistics
-    probe = copy.deepcopy(model).train(train)
-    seconds = {dt: time_network(probe, device, dt, train, size) for dt in (torch.float32, torch.bfloat16)}
-    best = min(seconds, key=seconds.get)
-    what = "a training step" if train else "a forward pass"
-    fp32, bf16 = seconds[torch.float32] * 1e3, seconds[torch.bfloat16] * 1e3
-    print(f"precision: {what} of a {size}x{size} patch takes {fp32:.0f} ms in float32, {bf16:.0f} ms in "
-          f"bfloat16: using {str(best)[6:]}")
-    return best
-
-
-def fold_batch_norm(model):
-    """For inference: fold every batch norm into the convolution before it, in place.
-
-    In eval mode a batch norm is a fixed per-channel affine map, y = s * (x - mean) + beta with
-    s = gamma / sqrt(var + eps), so conv followed by BN is one conv with weights W * s and bias
-    (b - mean) * s + beta: the same output, one pass over memory fewer. In this network each
-    BatchNorm2d is registered right after its Conv2d (torchvision's ResNet blocks too); a test
-    checks that the folded model computes what the original does.
-    """
-    for parent in model.modules():
-        children = list(parent.named_children())
-        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-                s = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                conv.weight = torch.nn.Parameter(conv.weight * s[:, None, None, None])
-                conv.bias = torch.nn.Parameter((bias - bn.running_mean) * s + bn.bias)
-                setattr(parent, bn_name, torch.nn.Identity())
     return model
 
 

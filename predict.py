@@ -18,7 +18,9 @@ from PIL import Image
 
 import data
 import scene
-from model import fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device, pick_dtype, to_input
+from cli import DataError, check_writable, command_line, tile_list
+from model import load_checkpoint, to_input
+from speed import fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
 
 WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
 OVERLAP = 64  # pixels shared by neighbouring windows, where their logits are blended
@@ -201,7 +203,7 @@ def band_list(text):
     except ValueError:
         bands = []
     if len(bands) not in (1, 3) or min(bands) < 1:
-        raise data.DataError(f"--bands {text}: expected 1 or 3 band numbers from 1, e.g. 4,3,2")
+        raise DataError(f"--bands {text}: expected 1 or 3 band numbers from 1, e.g. 4,3,2")
     return bands
 
 
@@ -240,7 +242,7 @@ def main(argv=None):
         p.error("give images or folders to map, or --data (and --tiles) to score")
     bands = band_list(args.bands) if args.bands else None
     out = Path(args.out)
-    data.check_writable(out, "--out")
+    check_writable(out, "--out")
     keep_freed_memory()
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.ckpt, device)
@@ -252,8 +254,8 @@ def main(argv=None):
     if args.data:
         names, colours = data.read_classes(args.data)
         if (names, colours) != (meta["classes"], [tuple(c) for c in meta["colours"]]):
-            raise data.DataError(f"{args.data}/classes.json: its classes differ from those of {args.ckpt}")
-        tiles = data.tile_list(args.tiles, list(data.list_tiles(args.data))[-1:])
+            raise DataError(f"{args.data}/classes.json: its classes differ from those of {args.ckpt}")
+        tiles = tile_list(args.tiles, list(data.list_tiles(args.data))[-1:])
         img_names, images, masks = data.load_tiles(args.data, tiles, colours)
         s = evaluate(model, meta, images, masks, dtype, names=img_names, out=out, tta=args.tta)
         print(f"scores on tiles {','.join(map(str, tiles))} of {args.data}:")
@@ -269,7 +271,7 @@ def main(argv=None):
         t0 = time.time()
         try:
             rows, written, (w, h) = map_scene(model, meta, dtype, path, out / stem, bands, args.tta)
-        except data.DataError as e:
+        except DataError as e:
             print(f"skipped: {e}")
             failed.append(path)
             continue
@@ -286,4 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(data.command_line(main))
+    sys.exit(command_line(main))

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
-from data import IGNORE, DataError
+from cli import DataError
+from data import IGNORE
 
 # the GeoTIFF tags that place a raster on the map: pixel size, tie point, or an affine transform;
 # the coordinate reference system is in the three GeoKey tags

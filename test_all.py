@@ -24,13 +24,15 @@ import torch.nn.functional as F
 from PIL import Image, TiffImagePlugin
 
 import data
-import model
 import predict
 import scene
+import speed
+import synthetic
 import train
+from cli import DataError, command_line
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device
-from model import pick_dtype, save_checkpoint, to_input
+from model import MEAN, STD, build_model, load_checkpoint, save_checkpoint, to_input
+from speed import fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
 from resnet_unet import ResNetUNet
 
 HERE = Path(__file__).parent
@@ -44,7 +46,7 @@ COLOURS = [(226, 169, 41), (132, 41, 246), (110, 193, 228)]  # a 3-class palette
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A synthetic data set small enough to train on in a second: 3 tiles of 2 images, 96x96."""
-    return data.make_synthetic(tmp_path_factory.mktemp("tiny") / "set", tiles=3, per_tile=2, size=96)
+    return synthetic.make_synthetic(tmp_path_factory.mktemp("tiny") / "set", tiles=3, per_tile=2, size=96)
 
 
 @pytest.fixture(scope="session")
@@ -126,10 +128,10 @@ def test_weights_from_a_path_and_from_the_torch_hub_cache(tmp_path, monkeypatch,
     build_model(6, "imagenet")
     warning = capsys.readouterr().out
     assert warning.count("\n") == 1 and "resnet34-b627a593.pth" in warning and str(cached.parent) in warning
-    with pytest.raises(data.DataError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         build_model(6, str(tmp_path / "missing.pth"))
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(data.DataError, match="not a torchvision resnet34"):
+    with pytest.raises(DataError, match="not a torchvision resnet34"):
         build_model(6, str(tmp_path / "other.pth"))
 
 
@@ -152,8 +154,8 @@ def test_folding_batch_norm_changes_no_output():
 def test_precision_is_the_faster_of_the_two_timings(monkeypatch, capsys):
     net, cpu = ResNetUNet(3), torch.device("cpu")
     timings = {}
-    monkeypatch.setattr(model, "time_network", lambda m, device, dtype, train, size: timings[dtype])
-    monkeypatch.setattr(model, "bf16_possible", lambda device: True)
+    monkeypatch.setattr(speed, "time_network", lambda m, device, dtype, train, size: timings[dtype])
+    monkeypatch.setattr(speed, "bf16_possible", lambda device: True)
     for fp32, bf16, expected in [(0.2, 0.1, torch.bfloat16), (0.1, 0.2, torch.float32)]:
         timings = {torch.float32: fp32, torch.bfloat16: bf16}
         assert pick_dtype("auto", cpu, net, train=True) == expected
@@ -163,12 +165,12 @@ def test_precision_is_the_faster_of_the_two_timings(monkeypatch, capsys):
     timings = {}  # a forced precision, or hardware without bfloat16: nothing is timed
     assert pick_dtype("bf16", cpu, net, train=True) == torch.bfloat16
     assert pick_dtype("fp32", cpu, net, train=True) == torch.float32
-    monkeypatch.setattr(model, "bf16_possible", lambda device: False)
+    monkeypatch.setattr(speed, "bf16_possible", lambda device: False)
     assert pick_dtype("auto", cpu, net, train=False) == torch.float32 and capsys.readouterr().out == ""
 
 
 def test_precision_timing_for_real_leaves_the_model_as_it_was(monkeypatch, capsys):
-    monkeypatch.setattr(model, "bf16_possible", lambda device: True)  # time both even where bf16 is slow
+    monkeypatch.setattr(speed, "bf16_possible", lambda device: True)  # time both even where bf16 is slow
     net = ResNetUNet(3).train()
     before = copy.deepcopy(net.state_dict())
     chosen = pick_dtype("auto", torch.device("cpu"), net, train=True, size=64)
@@ -184,7 +186,7 @@ def test_device_auto_prefers_cuda_then_mps(monkeypatch):
     assert pick_device("auto").type == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu"
-    with pytest.raises(data.DataError, match="no Apple GPU"):
+    with pytest.raises(DataError, match="no Apple GPU"):
         pick_device("mps")
 
 
@@ -289,7 +291,7 @@ def test_reader_palette_masks_unknown_colours_and_missing_masks(tmp_path, capsys
     assert np.array_equal(masks[0], expected) and np.array_equal(masks[1], expected)
     assert "2 mask pixels have a colour in no class" in capsys.readouterr().out
     Image.fromarray(image).save(root / "Tile 1" / "images" / "c.jpg")  # no mask
-    with pytest.raises(data.DataError, match="c.jpg: has no mask"):
+    with pytest.raises(DataError, match="c.jpg: has no mask"):
         data.load_tiles(root, [1], COLOURS)
 
 
@@ -431,12 +433,12 @@ def test_16_bit_single_band_is_stretched_and_unreadable_layouts_are_one_line(tmp
     i = raw.index(struct.pack("<HHI", 259, 3, 1))
     raw[i + 8 : i + 10] = struct.pack("<H", 5)  # compression 5: LZW
     (tmp_path / "lzw.tif").write_bytes(raw)
-    with pytest.raises(data.DataError, match="compression 5.*uncompressed or deflated only"):
+    with pytest.raises(DataError, match="compression 5.*uncompressed or deflated only"):
         scene.read_scene(tmp_path / "lzw.tif")
     write_tiff(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8))
-    with pytest.raises(data.DataError, match="has 5 band.s., --bands asks for band 7"):
+    with pytest.raises(DataError, match="has 5 band.s., --bands asks for band 7"):
         scene.read_scene(tmp_path / "five.tif", bands=[7, 1, 2])
-    with pytest.raises(data.DataError, match="--bands 2,1: expected 1 or 3 band numbers"):
+    with pytest.raises(DataError, match="--bands 2,1: expected 1 or 3 band numbers"):
         predict.band_list("2,1")
 
 
@@ -518,7 +520,7 @@ def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, 
     monkeypatch.setattr(predict, "WINDOW", 96)  # several bands of windows
     image = np.random.default_rng(0).integers(0, 256, (200, 60, 3)).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "big.png")
-    with pytest.raises(data.DataError, match="decompression bomb"):  # still on for data sets
+    with pytest.raises(DataError, match="decompression bomb"):  # still on for data sets
         data.read_image(tmp_path / "big.png")
     args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "big.png"), "--out", str(tmp_path / "o")]
     assert predict.main(args + ["--precision", "fp32"]) == 0
@@ -638,7 +640,7 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, ca
     for script, args, message in rows:
         if script is train:
             args = tiny_args(tiny, tmp_path / "run", *args)  # the later of a repeated flag counts
-        assert data.command_line(script.main, list(map(str, args))) == 2, args
+        assert command_line(script.main, list(map(str, args))) == 2, args
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err, err
     assert not any((tmp_path / "run").glob("*"))  # no row got as far as writing in the run folder
@@ -690,16 +692,16 @@ def test_bad_data_sets(tmp_path, case, message):
     if case == "truncated image":
         path = root / "Tile 1" / "images" / "a.jpg"
         path.write_bytes(path.read_bytes()[:40])
-    with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
         train.main(["--data", str(root), "--out", str(tmp_path / "run"), "--train-tiles", tiles,
                     "--val-tiles", tiles])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_bad_device(tiny, tmp_path):
-    with pytest.raises(data.DataError, match="no CUDA GPU"):
+    with pytest.raises(DataError, match="no CUDA GPU"):
         train.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda"))
-    with pytest.raises(data.DataError, match="not a device"):
+    with pytest.raises(DataError, match="not a device"):
         predict.main(["--ckpt", "x.pt", "--device", "gpu0", "a.jpg"])
 
 
@@ -721,7 +723,7 @@ def test_points_csv_is_checked_and_used(tiny, tmp_path):
     ]:
         bad = tmp_path / "bad.csv"
         bad.write_text("image,x,y,class\n" + row + "\n")
-        with pytest.raises(data.DataError, match=message):
+        with pytest.raises(DataError, match=message):
             train.main(tiny_args(tiny, tmp_path / "bad", "--point-labels", str(bad)))
 
 
@@ -745,10 +747,10 @@ def test_small_images_are_padded_and_big_point_counts_capped(tmp_path, capsys):
 def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
     files = {"Tile 1/images/a.png": (np.zeros((4, 4, 3), np.uint8), None)}
     other = write_set(tmp_path / "other", classes_json(), files)
-    with pytest.raises(data.DataError, match="classes differ"):
+    with pytest.raises(DataError, match="classes differ"):
         predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--data", str(other), "--out",
                       str(tmp_path / "p")])
-    with pytest.raises(data.DataError, match="no such checkpoint"):
+    with pytest.raises(DataError, match="no such checkpoint"):
         predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg"])
 
 
@@ -772,9 +774,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path):
     args = tiny_args(tiny, tmp_path / "run")
     train.main(args)
-    with pytest.raises(data.DataError, match="already holds a run"):
+    with pytest.raises(DataError, match="already holds a run"):
         train.main(args)
-    with pytest.raises(data.DataError, match="--lr 0.01 differs"):
+    with pytest.raises(DataError, match="--lr 0.01 differs"):
         train.main(args + ["--resume", "--lr", "0.01"])
     train.main(args + ["--overwrite"])
     train.main(args + ["--epochs", "2", "--resume"])

@@ -6,12 +6,9 @@
 """
 import argparse
 import copy
-import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,17 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
+from cli import DataError, command_line, tile_list
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, fold_batch_norm, keep_freed_memory, load_checkpoint, pick_device
-from model import pick_dtype, save_checkpoint, to_input
+from model import MEAN, STD, build_model, to_input
 from predict import colourize, evaluate, predict_mask, side_by_side
+from runs import HERE, KAGGLE, find_data, last_checkpoint, open_run_folder, resume_state, save_run, start_processes
+from speed import fold_batch_norm, keep_freed_memory, pick_dtype
 
-HERE = Path(__file__).parent
-KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
-SYNTHETIC = HERE / "data" / "synthetic"
-# settings a resumed run must share with the run it continues (the rest may change: epochs, device)
-SAME_ON_RESUME = ["data", "train_tiles", "val_tiles", "points", "point_labels", "batch_size", "lr",
-                  "lr_schedule", "gamma", "alpha", "class_weights", "patch", "weights", "seed", "precision"]
 
 
 def get_args(argv=None):
@@ -88,7 +81,7 @@ def check_ranges(args):
     ]
     for name, ok, must in ranges:
         if not ok:
-            raise data.DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
 
 
 class NonFiniteLoss(Exception):
@@ -196,64 +189,11 @@ def write_panel(path, model, meta, image, mask, args, dtype):
 # ---------------------------------------------------------------------------- around the method
 
 
-def start_processes(device_name):
-    """-> (device, rank, number of processes). Under torchrun: one process per GPU (nccl) or per
-    share of the CPU (gloo), and rank 0 alone prints; otherwise one process."""
-    device = pick_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return device, 0, 1
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.get_rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), world
-
-
-def open_run_folder(args, world):
-    """-> (run folder, the checkpoint to resume or None). A folder that holds a run is refused
-    without --resume or --overwrite; the folder is made and tried for writing before long work."""
-    out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
-    args.out = str(out)
-    ckpt = None
-    if args.resume:
-        if not (out / "ckpt.pt").exists():
-            raise data.DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
-        # read whole, on the CPU (load_state_dict moves it): the next save replaces the file
-        _, ckpt = load_checkpoint(out / "ckpt.pt", mmap=False)
-        for k in SAME_ON_RESUME:
-            if getattr(args, k) != ckpt["args"][k]:
-                flag = "--" + k.replace("_", "-")
-                was = ckpt["args"][k]
-                raise data.DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
-    elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
-        raise data.DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")
-    data.check_writable(out, "--out")
-    if world > 1:
-        dist.barrier()  # every process has looked at --out before anyone writes there
-    return out, ckpt
-
-
-def find_data(args, rank, world):
-    """The user's --data, else the Kaggle set where the README says to unzip it, else a synthetic
-    set (written on first use)."""
-    if args.data is not None or KAGGLE.is_dir():
-        return args.data or KAGGLE
-    if not (SYNTHETIC / "classes.json").exists() and rank == 0:
-        data.make_synthetic(SYNTHETIC)
-    if world > 1:
-        dist.barrier()  # the other processes wait for rank 0 to write it
-    print(f"no --data and no '{KAGGLE}': training on the synthetic set in {SYNTHETIC} (see README)")
-    return SYNTHETIC
-
-
 def choose_tiles(args, root):
     """-> (training tiles, validation tiles); a tile in both is said in one warning."""
     tiles = list(data.list_tiles(root))
-    train_tiles = data.tile_list(args.train_tiles, tiles[:-1])
-    val_tiles = data.tile_list(args.val_tiles, tiles[-1:])
+    train_tiles = tile_list(args.train_tiles, tiles[:-1])
+    val_tiles = tile_list(args.val_tiles, tiles[-1:])
     both = sorted(set(train_tiles) & set(val_tiles))
     if both:
         print(f"warning: validation tile(s) {','.join(map(str, both))} are also trained on: their scores are "
@@ -266,37 +206,12 @@ def check_patch(patch, images):
     than a patch are padded, and a line says how many."""
     largest = max((im.shape[:2] for im in images), key=max)
     if patch > max(largest):
-        raise data.DataError(f"--patch {patch}: larger than every training image (the largest is "
+        raise DataError(f"--patch {patch}: larger than every training image (the largest is "
                              f"{largest[1]}x{largest[0]}); at most {max(largest) // 32 * 32} here")
     small = sum(min(im.shape[:2]) < patch for im in images)
     if small:
         print(f"--patch {patch}: {small} of {len(images)} training images are smaller and are padded with "
               "mirrored pixels (no labels there)")
-
-
-def resume_state(ckpt, model, optimizer, out):
-    """-> (history, first epoch): the checkpoint's when resuming, else a fresh start."""
-    if ckpt is None:
-        return [], 0
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    print(f"resuming {out} after epoch {ckpt['epoch']}")
-    return ckpt["history"], ckpt["epoch"]
-
-
-def save_run(out, model, optimizer, meta, history, args):
-    """The checkpoint and metrics.json, each written whole or not at all."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"]}
-    save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"history": history}, indent=1))
-    tmp.replace(out / "metrics.json")
-
-
-def last_checkpoint(out, history):
-    if not history:
-        return "none (no epoch finished)"
-    return f"{out / 'ckpt.pt'} (after epoch {history[-1]['epoch']})"
 
 
 # ---------------------------------------------------------------------------- main
@@ -382,4 +297,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(data.command_line(main))
+    sys.exit(command_line(main))

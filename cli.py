@@ -1,0 +1,44 @@
+"""Command-line plumbing the scripts share: bad input as one line and exit code 2, an output folder
+tried for writing before any long work, comma lists read from flags."""
+import os
+import sys
+from pathlib import Path
+
+
+class DataError(Exception):
+    """A problem with the user's data or arguments: reported in one line, never a traceback."""
+
+
+def command_line(main, argv=None):
+    """Run a script's main(argv) as a command -> exit code: what main returns if it is a number,
+    else 0; 2 with one line on stderr for bad input (a DataError); 130 for Ctrl-C."""
+    try:
+        code = main(argv)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def check_writable(folder, flag):
+    """Make `folder` (and its parents) and write a file there, so that an output folder that cannot
+    be used is one line naming it, before any long work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {folder}: cannot be written there ({e.strerror})")
+
+
+def tile_list(text, default):
+    """'1,2,5' -> [1, 2, 5]; an empty text gives `default`."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()] or default
+    except ValueError:
+        raise DataError(f"tiles {text!r}: expected tile numbers separated by commas, e.g. 1,2,3")
