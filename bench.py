@@ -23,10 +23,10 @@ from torchvision.ops import sigmoid_focal_loss
 import data
 from cli import DataError, command_line
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, to_input
+from model import build_model, to_input
 from speed import bf16_possible, fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
 from synthetic import synthetic_scene
-from predict import map_scene
+from maps import map_scene
 
 FP32, BF16 = torch.float32, torch.bfloat16
 
@@ -180,8 +180,7 @@ def main(argv=None):
         bare = mp / timed(lambda: model(whole), device, max(1, reps // 3), warmup=1)
     folded = fold_batch_norm(build_model(6, "none").to(device, memory_format=torch.channels_last).eval())
 
-    meta = {"classes": list("abcdef"), "colours": [(40 * i, 40 * i, 40 * i) for i in range(6)], "mean": MEAN,
-            "std": STD}
+    meta = {"classes": list("abcdef"), "colours": [(40 * i, 40 * i, 40 * i) for i in range(6)]}
     speeds = {dt: mp / timed(lambda: map_scene(folded, meta, dt, path, tmp / "scene", None), device,
                              max(1, reps // 3), warmup=1) for dt in dtypes}
     for f in tmp.iterdir():

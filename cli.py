@@ -42,3 +42,14 @@ def tile_list(text, default):
         return [int(t) for t in text.split(",") if t.strip()] or default
     except ValueError:
         raise DataError(f"tiles {text!r}: expected tile numbers separated by commas, e.g. 1,2,3")
+
+
+def band_list(text):
+    """'4,3,2' -> [4, 3, 2]: the bands to use as red, green, blue (or one band, as grey)."""
+    try:
+        bands = [int(b) for b in text.split(",")]
+    except ValueError:
+        bands = []
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise DataError(f"--bands {text}: expected 1 or 3 band numbers from 1, e.g. 4,3,2")
+    return bands

@@ -49,12 +49,12 @@ def build_model(num_classes, weights="imagenet"):
     return model
 
 
-def to_input(images, mean=MEAN, std=STD):
+def to_input(images):
     """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float32, channels_last in memory (the
     permute is free: channels_last is exactly the layout the uint8 images already have)."""
     x = images.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -67,7 +67,7 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, device="cpu", mmap=True):
-    """-> (model in eval mode on device, checkpoint dict with classes, colours, mean, std, patch, args...).
+    """-> (model in eval mode on device, checkpoint dict: classes, colours, patch, bands, precision, args...).
 
     mmap: the file is mapped, not read, so only the tensors used come from disk (for inference the
     optimizer's state, two thirds of the file, never does). A run that resumes trains on that

@@ -18,8 +18,9 @@ HERE = Path(__file__).parent
 KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
 SYNTHETIC = HERE / "data" / "synthetic"
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
-SAME_ON_RESUME = ["data", "train_tiles", "val_tiles", "points", "point_labels", "batch_size", "lr",
-                  "lr_schedule", "gamma", "alpha", "class_weights", "patch", "weights", "seed", "precision"]
+SAME_ON_RESUME = ["data", "point_labels", "class_field", "points", "train_tiles", "val_tiles", "val_images",
+                  "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha", "class_weights", "patch",
+                  "weights", "seed", "precision"]
 
 
 def start_processes(device_name):
@@ -50,9 +51,9 @@ def open_run_folder(args, world):
         # read whole, on the CPU (load_state_dict moves it): the next save replaces the file
         _, ckpt = load_checkpoint(out / "ckpt.pt", mmap=False)
         for k in SAME_ON_RESUME:
-            if getattr(args, k) != ckpt["args"][k]:
+            if getattr(args, k) != ckpt["args"].get(k):
                 flag = "--" + k.replace("_", "-")
-                was = ckpt["args"][k]
+                was = ckpt["args"].get(k)
                 raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
     elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
         raise DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")

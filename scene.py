@@ -1,9 +1,8 @@
-"""Real remote-sensing scenes for predict.py: any size, bit depth and band count read as RGB, and
-masks that keep the scene's place on the map (its GeoTIFF tags, or its world file).
+"""Reading what remote sensing produces, for train.py and predict.py alike: images of any size, bit
+depth and band count as 8-bit RGB, their no-data pixels, and their place on the map (GeoTIFF tags or
+a world file). TIFFs that Pillow refuses are decoded here.
 """
 import math
-import os
-import shutil
 import zlib
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 from PIL import Image, TiffImagePlugin
 
 from cli import DataError
-from data import IGNORE
 
 # the GeoTIFF tags that place a raster on the map: pixel size, tie point, or an affine transform;
 # the coordinate reference system is in the three GeoKey tags
@@ -54,6 +52,24 @@ def read_scene(path, bands=None):
         samples = np.repeat(samples[..., :1], 3, axis=2)
     geo = georeference(path, tags, samples.shape[1::-1])
     return {"rgb": np.ascontiguousarray(samples), "valid": valid, "note": "; ".join(notes), "geo": geo}
+
+
+def image_info(path):
+    """-> ((width, height), georeferencing or None), read from the file's header: no pixel decoded."""
+    path = Path(path)
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        tags = tiff_tags(path)
+        if tags:
+            size = (tags[256], tags[257])
+        else:
+            with Image.open(path) as im:
+                size = im.size
+    except (OSError, ValueError, SyntaxError, KeyError) as e:
+        raise DataError(f"{path}: cannot read image ({e})")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return size, georeference(path, tags, size)
 
 
 def tiff_tags(path):
@@ -165,6 +181,26 @@ def georeference(path, tags, size):
             "pixel_m2": pixel_area(world, geo_keys(tags), size)}
 
 
+def map_to_pixel(world, x, y):
+    """Map coordinates -> (column, row) in pixels, whole numbers at pixel centres (world file numbers:
+    x = a col + b row + c, y = d col + e row + f, with (c, f) the centre of the top-left pixel)."""
+    a, d, b, e, c, f = world
+    det = a * e - b * d
+    return (e * (x - c) - b * (y - f)) / det, (a * (y - f) - d * (x - c)) / det
+
+
+def pixel_to_map(world, col, row):
+    a, d, b, e, c, f = world
+    return a * col + b * row + c, d * col + e * row + f
+
+
+def epsg(geo):
+    """The EPSG code of a georeferenced scene's coordinate system (GeoTIFF keys), or None if unknown."""
+    keys = geo_keys(geo["tags"])
+    code = keys.get(3072) or keys.get(2048)  # projected, else geographic; 32767 means user-defined
+    return code if code and code != 32767 else None
+
+
 def read_world_file(path):
     try:
         numbers = [float(v) for v in path.read_text().split()]
@@ -208,73 +244,3 @@ def pixel_area(world, keys, size):
         lat = math.radians(y + f * size[1] / 2)
         return area * (math.pi / 180 * 6371008.8) ** 2 * math.cos(lat)
     return None
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-def write_mask(mask, stem, geo):
-    """The palette mask: a GeoTIFF with the input's tags when it had them, else a PNG, with a world
-    file (and the input's .prj) beside it when the input had one -> path written."""
-    if geo and geo["tags"]:
-        info = TiffImagePlugin.ImageFileDirectory_v2()
-        for tag, (kind, value) in geo["tags"].items():
-            info[tag], info.tagtype[tag] = value, kind
-        path = Path(f"{stem}_mask.tif")
-        mask.save(path, tiffinfo=info, compression="tiff_deflate")
-        return path
-    path = Path(f"{stem}_mask.png")
-    mask.save(path)
-    write_world(path, ".pgw", geo)
-    return path
-
-
-def write_world(path, suffix, geo):
-    if geo:
-        path.with_suffix(suffix).write_text("".join(f"{v!r}\n" for v in geo["world"]))
-        if geo["prj"]:
-            shutil.copyfile(geo["prj"], path.with_suffix(".prj"))
-
-
-def write_overlay(rgb, pred, colours, stem, geo):
-    """The scene with the classes blended on it, half and half, as a JPEG (and world file); made in
-    strips, so that no float copy of a large scene is ever held."""
-    palette = np.zeros((256, 3), np.uint8)
-    palette[: len(colours)] = colours
-    overlay = np.empty_like(rgb)
-    for y in range(0, len(rgb), 256):
-        strip, classes = rgb[y : y + 256], pred[y : y + 256]
-        blend = strip // 2 + palette[classes] // 2
-        overlay[y : y + 256] = np.where((classes == IGNORE)[..., None], strip, blend)  # no data: as it is
-    path = Path(f"{stem}_overlay.jpg")
-    Image.fromarray(overlay).save(path, quality=90)
-    write_world(path, ".jgw", geo)
-    return path
-
-
-def class_areas(pred, names, pixel_m2):
-    """-> rows (class, pixels, share of the scene's valid pixels, hectares or '')."""
-    # in strips: bincount works on a 64-bit copy of what it counts; IGNORE (no data) counts nowhere
-    counts = sum(np.bincount(pred[y : y + 256].ravel(), minlength=256) for y in range(0, len(pred), 256))
-    counts = counts[: len(names)]
-    total = max(int(counts.sum()), 1)
-    return [(n, int(c), f"{c / total:.4f}", f"{c * pixel_m2 / 1e4:.4f}" if pixel_m2 else "")
-            for n, c in zip(names, counts)]
-
-
-def output_stems(paths):
-    """One output name per input: its file name, or, where inputs share one, its path from their
-    common folder (a/scene.jpg and b/scene.jpg -> a_scene, b_scene) -> (stems, note or '')."""
-    stems = [p.stem for p in paths]
-    shared = {s for s in stems if stems.count(s) > 1}
-    if not shared:
-        return stems, ""
-    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
-    for keep_suffix in (False, True):  # x.jpg and x.png side by side: x_jpg, x_png
-        named = [str(p.resolve().relative_to(common)) for p in paths]
-        named = [n if keep_suffix else str(Path(n).with_suffix("")) for n in named]
-        named = [n.replace(os.sep, "_").replace(".", "_") if s in shared else s for n, s in zip(named, stems)]
-        if len(set(named)) == len(named):
-            break
-    renamed = ", ".join(f"{p} -> {n}" for p, n, s in zip(paths, named, stems) if s in shared)
-    return named, f"inputs share a file name; their outputs are named by their paths: {renamed}"

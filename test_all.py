@@ -23,15 +23,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, TiffImagePlugin
 
+import clicks
 import data
+import layout
+import maps
 import predict
 import scene
 import speed
 import synthetic
 import train
-from cli import DataError, command_line
+from cli import DataError, band_list, command_line
 from loss import partial_focal_ce
-from model import MEAN, STD, build_model, load_checkpoint, save_checkpoint, to_input
+from model import build_model, load_checkpoint, save_checkpoint, to_input
 from speed import fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
 from resnet_unet import ResNetUNet
 
@@ -81,8 +84,8 @@ def write_set(root, classes, images):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / rel)
         if mask is not None:
-            (root / data.mask_path(Path(rel))).parent.mkdir(parents=True, exist_ok=True)
-            mask.save(root / data.mask_path(Path(rel)))
+            (root / layout.mask_path(Path(rel))).parent.mkdir(parents=True, exist_ok=True)
+            mask.save(root / layout.mask_path(Path(rel)))
     return root
 
 
@@ -285,14 +288,14 @@ def test_reader_palette_masks_unknown_colours_and_missing_masks(tmp_path, capsys
     image = np.zeros((2, 4, 3), np.uint8)
     files = {"Tile 1/images/a.jpg": (image, pal), "Tile 2/images/b.png": (image, Image.fromarray(rgb))}
     root = write_set(tmp_path / "set", classes_json(), files)
-    names, images, masks = data.load_tiles(root, [1, 2], COLOURS)
+    names, images, masks = layout.load_tiles(root, [1, 2], COLOURS)
     expected = np.where(truth == 9, data.IGNORE, truth)
     assert names == ["Tile 1/images/a.jpg", "Tile 2/images/b.png"]
     assert np.array_equal(masks[0], expected) and np.array_equal(masks[1], expected)
     assert "2 mask pixels have a colour in no class" in capsys.readouterr().out
     Image.fromarray(image).save(root / "Tile 1" / "images" / "c.jpg")  # no mask
     with pytest.raises(DataError, match="c.jpg: has no mask"):
-        data.load_tiles(root, [1], COLOURS)
+        layout.load_tiles(root, [1], COLOURS)
 
 
 # ---------------------------------------------------------------------------- inference and scores
@@ -308,11 +311,11 @@ def test_sliding_window_matches_a_whole_image_pass():
     image = np.asarray(Image.fromarray(image).resize((113, 75)).resize((455, 300)))  # smooth, image-like
     with torch.no_grad():
         whole = model(to_input(torch.from_numpy(image.copy())[None]))[0]
-    windows = torch.cat(list(predict.sliding_window(model, image, MEAN, STD, torch.float32, window=128)), 1)
+    windows = predict.sliding_window(model, image, torch.float32, window=128)
     assert windows.shape == whole.shape
     assert (windows - whole).norm() / whole.norm() < 0.05
     assert (windows.argmax(0) == whole.argmax(0)).float().mean() > 0.98
-    small = predict.predict_mask(model, image[:40, :33], MEAN, STD, torch.float32, window=128)
+    small = predict.predict_mask(model, image[:40, :33], torch.float32, window=128)
     assert small.shape == (40, 33)
 
 
@@ -321,7 +324,7 @@ def test_test_time_augmentation_is_the_mean_over_the_eight_turns():
     model = ResNetUNet(4).eval()
     image = np.random.default_rng(0).integers(0, 255, (8, 12, 3)).astype(np.uint8)
     image = np.asarray(Image.fromarray(image).resize((96, 64)))  # one window: no blending
-    logits = torch.cat(list(predict.sliding_window(model, image, MEAN, STD, torch.float32, 128, tta=True)), 1)
+    logits = predict.sliding_window(model, image, torch.float32, 128, tta=True)
     by_hand = 0
     with torch.no_grad():
         for k in range(4):
@@ -331,9 +334,9 @@ def test_test_time_augmentation_is_the_mean_over_the_eight_turns():
                 by_hand = by_hand + np.rot90(out[:, :, ::-1] if flip else out, -k, axes=(1, 2))
     assert np.allclose(logits.numpy(), by_hand / 8, atol=1e-4)
     # so the map of a mirrored scene is the mirrored map
-    maps = [predict.predict_mask(model, im, MEAN, STD, torch.float32, 128, tta=True)
+    pair = [predict.predict_mask(model, im, torch.float32, 128, tta=True)
             for im in (image, np.ascontiguousarray(image[:, ::-1]))]
-    assert np.array_equal(maps[0][:, ::-1], maps[1])
+    assert np.array_equal(pair[0][:, ::-1], pair[1])
 
 
 def test_scores_on_a_handmade_case():
@@ -439,17 +442,26 @@ def test_16_bit_single_band_is_stretched_and_unreadable_layouts_are_one_line(tmp
     with pytest.raises(DataError, match="has 5 band.s., --bands asks for band 7"):
         scene.read_scene(tmp_path / "five.tif", bands=[7, 1, 2])
     with pytest.raises(DataError, match="--bands 2,1: expected 1 or 3 band numbers"):
-        predict.band_list("2,1")
+        band_list("2,1")
 
 
-def geotiff_tags(transform=None, point=False):
-    """GeoTIFF tags of a UTM zone 40N raster in metres: 0.5 m pixels from (500000, 2800000), or
-    an affine transform; raster coordinates at pixel corners, or centres with `point`."""
+def geotiff_tags(transform=None, point=False, tie=(0.0, 0.0, 500000.0, 2800000.0)):
+    """GeoTIFF tags of a UTM zone 40N raster in metres: 0.5 m pixels, raster position (i, j) of the
+    tie point at map (x, y), or an affine transform; raster coordinates name pixel corners, or pixel
+    centres with `point`."""
     tags = {34735: (3, (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 2 if point else 1, 3072, 0, 1, 32640,
                         3076, 0, 1, 9001)), 34737: (2, "WGS 84 / UTM zone 40N|")}
     if transform:
         return {**tags, 34264: (12, tuple(transform))}
-    return {**tags, 33550: (12, (0.5, 0.5, 0.0)), 33922: (12, (0.0, 0.0, 0.0, 500000.0, 2800000.0, 0.0))}
+    i, j, x, y = tie
+    return {**tags, 33550: (12, (0.5, 0.5, 0.0)), 33922: (12, (i, j, 0.0, x, y, 0.0))}
+
+
+def save_geotiff(path, image, tags):
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    for tag, (kind, value) in tags.items():
+        info[tag], info.tagtype[tag] = value, kind
+    Image.fromarray(image).save(path, tiffinfo=info)
 
 
 def test_world_numbers_from_geotiff_tags():
@@ -468,13 +480,10 @@ def test_world_numbers_from_geotiff_tags():
 
 def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
     rng = np.random.default_rng(0)
-    info = TiffImagePlugin.ImageFileDirectory_v2()
-    for tag, (kind, value) in geotiff_tags().items():
-        info[tag], info.tagtype[tag] = value, kind
     rgba = rng.integers(0, 256, (70, 90, 4)).astype(np.uint8)
     rgba[..., 3] = 255
     rgba[:, :20, 3] = 0  # an orthomosaic's empty border: no data
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "ortho.tif", tiffinfo=info)
+    save_geotiff(tmp_path / "ortho.tif", rgba, geotiff_tags())
     out = tmp_path / "out"
     args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "ortho.tif"), "--out", str(out)]
     assert predict.main(args + ["--precision", "fp32"]) == 0
@@ -517,11 +526,10 @@ def test_world_files_carry_over_and_shared_names_stay_apart(tiny_run, tmp_path, 
 
 def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the guard refuses images over 2000 pixels
-    monkeypatch.setattr(predict, "WINDOW", 96)  # several bands of windows
+    monkeypatch.setattr(maps, "WINDOW", 96)  # several bands of windows
     image = np.random.default_rng(0).integers(0, 256, (200, 60, 3)).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "big.png")
-    with pytest.raises(DataError, match="decompression bomb"):  # still on for data sets
-        data.read_image(tmp_path / "big.png")
+    assert np.array_equal(layout.read_image(tmp_path / "big.png")[0], image)  # training reads it too
     args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "big.png"), "--out", str(tmp_path / "o")]
     assert predict.main(args + ["--precision", "fp32"]) == 0
     assert Image.MAX_IMAGE_PIXELS == 1000  # and back on after it
@@ -546,8 +554,8 @@ def test_one_epoch_writes_everything_and_the_checkpoint_reloads(tiny, tiny_run):
     reloaded, ckpt = load_checkpoint(run / "ckpt.pt")
     # cosine schedule: 2 steps, the last one at half the peak learning rate
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)
-    image = data.read_image(tiny / "Tile 3" / "images" / "image_part_001.jpg")
-    args = (image, ckpt["mean"], ckpt["std"], torch.float32)
+    image = layout.read_image(tiny / "Tile 3" / "images" / "image_part_001.jpg")[0]
+    args = (image, torch.float32)
     assert np.array_equal(predict.predict_mask(model.eval(), *args), predict.predict_mask(reloaded, *args))
 
 
@@ -650,19 +658,19 @@ def test_validating_on_a_training_tile_warns_once_and_trains(tiny, tmp_path, cap
     train.main(tiny_args(tiny, tmp_path / "run", "--train-tiles", "1,2", "--val-tiles", "2"))
     said = capsys.readouterr().out
     assert said.count("warning: validation tile(s) 2 are also trained on") == 1
-    outputs = ["ckpt.pt", "metrics.json", "panel.png", "points.csv", "points.jpg"]
+    outputs = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv", "points.jpg"]
     assert said.splitlines()[-1] == "done: " + ", ".join(str(tmp_path / "run" / f) for f in outputs)
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("empty folder", "holds no 'Tile N/images' folders"),
+        ("empty folder", "holds no images"),
         ("no classes.json", "classes.json: not found"),
         ("classes.json unparsable", "classes.json: not a list of classes"),
         ("classes without colours", "classes.json: not a list of classes"),
         ("colour not #RRGGBB", "colour '#12345' is not of the form #RRGGBB"),
-        ("mask of another size", "mask is 5x4, its image a.jpg is 6x4"),
+        ("mask of another size", "a.png: mask is 5x4, its image is 6x4"),
         ("truncated image", "a.jpg: cannot read image"),
         ("no such tile", "has no Tile 9"),
         ("tiles not numbers", "tiles 'one': expected tile numbers"),
@@ -719,7 +727,7 @@ def test_points_csv_is_checked_and_used(tiny, tmp_path):
     for row, message in [
         ("Tile 1/images/nope.jpg,1,1,0", "unknown image"),
         ("Tile 1/images/image_part_001.jpg,96,1,0", r"point \(96, 1\) is outside"),
-        ("Tile 1/images/image_part_001.jpg,1,1,7", "unknown class 7"),
+        ("Tile 1/images/image_part_001.jpg,1,1,7", "class '7' is not in classes.json"),
     ]:
         bad = tmp_path / "bad.csv"
         bad.write_text("image,x,y,class\n" + row + "\n")
@@ -752,6 +760,187 @@ def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
                       str(tmp_path / "p")])
     with pytest.raises(DataError, match="no such checkpoint"):
         predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg"])
+
+
+# ---------------------------------------------------------------------------- your own images and clicks
+
+
+def centre_on_map(col, row, tie=(0.0, 0.0, 500000.0, 2800000.0), size=0.5):
+    """Map x, y of the centre of pixel (col, row) of a GeoTIFF whose tie point (PixelIsArea) puts the
+    raster corner position (i, j) at map (x, y): written out from the GeoTIFF specification."""
+    i, j, x, y = tie
+    return x + (col + 0.5 - i) * size, y - (row + 0.5 - j) * size
+
+
+def feature(x, y, **properties):
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": properties}
+
+
+def geojson(features, epsg=32640):
+    crs = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
+    return json.dumps({"type": "FeatureCollection", "crs": crs, "features": features})
+
+
+def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
+    image = np.zeros((20, 30, 3), np.uint8)
+    tie = (2.0, 3.0, 500100.0, 2800200.0)  # raster corner (2, 3) lies at this map point
+    save_geotiff(tmp_path / "tags.tif", image, geotiff_tags(tie=tie))
+    Image.fromarray(image).save(tmp_path / "world.png")
+    (tmp_path / "world.pgw").write_text("2\n0\n0\n-2\n1000\n2000\n")  # pixel (0, 0): centre at (1000, 2000)
+    info = {n: scene.image_info(tmp_path / n) for n in ["tags.tif", "world.png"]}
+    x, y = centre_on_map(7, 4, tie)
+    features = [feature(x, y, label="a"), feature(x + 0.24, y - 0.24, label="b"),  # half a pixel is 0.25
+                feature(x + 0.26, y, label="c"), feature(1000 + 12 * 2, 2000 - 9 * 2, label="d"),
+                feature(1000 + 12 * 2 - 0.99, 2000 - 9 * 2 + 0.99, label="e"), feature(0, 0, label="f")]
+    (tmp_path / "clicks.geojson").write_text(geojson(features, epsg=32640))
+    by_image, names = clicks.read_clicks([tmp_path / "clicks.geojson"], info)
+    assert names == ["a", "b", "c", "d", "e"]  # f lies on no image
+    assert by_image == {"tags.tif": [(7, 4, 0), (7, 4, 1), (8, 4, 2)], "world.png": [(12, 9, 3), (12, 9, 4)]}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not JSON", "not JSON"),
+    ("not a FeatureCollection", "not a GeoJSON FeatureCollection"),
+    ("a line", "feature 1: a LineString, not a Point"),
+    ("another CRS", "its crs is EPSG:4326, the images' EPSG:32640: reproject"),
+    ("no class", "feature 0: no class (class or class_name or label or class_id"),
+    ("a class not in classes.json", "feature 0: class 'Lava' is not in classes.json"),
+    ("no point on an image", "no click with a class on an image of the data set"),
+    ("a CSV row with bad numbers", "clicks.csv:3: expected columns image,x,y,class with whole numbers"),
+    ("a CSV row outside its image", r"clicks.csv:2: point \(40, 0\) is outside a.tif \(40x30\)"),
+    ("a CSV row naming no image", "clicks.csv:2: unknown image 'b.tif'"),
+])
+def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, case, message):
+    root = tmp_path / "scenes"
+    root.mkdir()
+    save_geotiff(root / "a.tif", np.zeros((30, 40, 3), np.uint8), geotiff_tags())
+    x, y = centre_on_map(3, 3)
+    features, classes = [feature(x, y, **{"class": "Water"})], None
+    text = {"not JSON": "{nope", "not a FeatureCollection": json.dumps({"type": "Feature"}),
+            "a line": geojson(features + [{"type": "Feature", "properties": {"class": "Water"}, "geometry":
+                                           {"type": "LineString", "coordinates": [[x, y], [x, y]]}}]),
+            "another CRS": geojson(features, epsg=4326), "no class": geojson([feature(x, y, name="Water")]),
+            "a class not in classes.json": geojson([feature(x, y, **{"class": "Lava"})]),
+            "no point on an image": geojson([feature(0, 0, **{"class": "Water"})])}.get(case)
+    path = tmp_path / "clicks.geojson"
+    if text is None:
+        path = tmp_path / "clicks.csv"
+        text = {"a CSV row with bad numbers": "image,x,y,class\na.tif,1,1,Water\na.tif,1.5,2,Water\n",
+                "a CSV row outside its image": "image,x,y,class\na.tif,40,0,Water\n",
+                "a CSV row naming no image": "image,x,y,class\nb.tif,1,1,Water\n"}[case]
+    if case == "a class not in classes.json":
+        classes = json.dumps({"classes": [{"title": "Water", "color": "#0000FF"}]})
+        (root / "classes.json").write_text(classes)
+    path.write_text(text)
+    out = tmp_path / "run"
+    assert command_line(train.main, tiny_args(root, out, "--point-labels", str(path))) == 2
+    assert not any(out.iterdir())  # refused before anything is written
+
+
+def test_click_scores_on_a_handmade_case():
+    truth = np.array([0, 0, 0, 0, 1, 1, 2, 3], np.uint8)  # eight clicks and what the map says there
+    pred = np.array([0, 0, 0, 1, 1, 2, 2, 0], np.uint8)
+    s = predict.click_scores(predict.confusion(truth, pred, 5), list("abcde"))
+    assert s["click_accuracy"] == 5 / 8 and s["click_count"] == 8
+    assert s["click_precision"] == {"a": 3 / 4, "b": 1 / 2, "c": 1 / 2, "d": None, "e": None}
+    assert s["click_recall"] == {"a": 3 / 4, "b": 1 / 2, "c": 1.0, "d": 0.0, "e": None}
+    f1 = {n: 2 * p * r / (p + r) for n, p, r in [("a", 3 / 4, 3 / 4), ("b", 1 / 2, 1 / 2), ("c", 1 / 2, 1)]}
+    assert s["click_f1"] == pytest.approx({**f1, "d": 0.0, "e": None})  # d: clicked, never mapped
+
+
+def test_suggested_clicks_are_the_least_sure_places_and_spread_out():
+    margin = np.full((100, 120), 0.9, np.float32)
+    margin[10, 10], margin[12, 14], margin[80, 100], margin[50, 60] = 0.1, 0.05, 0.2, 0.3
+    margin[90:, :] = np.inf  # no data
+    # (10, 10) is less sure than (100, 80) but too near (14, 12)
+    assert predict.suggest_clicks(margin, 3, spacing=32) == [(14, 12), (100, 80), (60, 50)]
+    picked = predict.suggest_clicks(np.random.default_rng(0).random((200, 200)), 30, spacing=20)
+    assert len(picked) == 30
+    pairs = [(a, b) for k, a in enumerate(picked) for b in picked[:k]]
+    assert all((ax - bx) ** 2 + (ay - by) ** 2 >= 400 for (ax, ay), (bx, by) in pairs)
+
+
+def scenes_and_clicks(tiny, root, per_image=15):
+    """Three images of the tiny set without masks: two GeoTIFFs placed apart on the map, and one 16-bit
+    TIFF with a world file. -> clicks drawn from the masks the folder does not have, as
+    [(image name, x, y, class name)]."""
+    names, colours = layout.read_classes(tiny)
+    _, images, masks = layout.load_tiles(tiny, [1, 2], colours)
+    root.mkdir()
+    ties = {"a.tif": (0.0, 0.0, 500000.0, 2800000.0), "b.tif": (0.0, 0.0, 500200.0, 2800000.0)}
+    for name, image in zip(["a.tif", "b.tif"], images):
+        save_geotiff(root / name, image, geotiff_tags(tie=ties[name]))
+    write_tiff(root / "c.tif", images[2].astype(np.uint16) * 200 + 1000)
+    (root / "c.tfw").write_text(f"0.5\n0\n0\n-0.5\n{501000.25}\n{2800000 - 0.25}\n")
+    points = data.sample_points(masks[:3], 96, per_image, seed=3)[0]
+    return [("abc"[i] + ".tif", x, y, names[c]) for i, x, y, c in points], ties
+
+
+def test_own_images_and_clicks_train_predict_suggest_and_train_again(tiny, tmp_path, capsys):
+    root = tmp_path / "scenes"
+    rows, ties = scenes_and_clicks(tiny, root)
+    lines = [f"{n},{x},{y},{c}\n" for n, x, y, c in rows]
+    (tmp_path / "clicks.csv").write_text("image,x,y,class\n" + "".join(lines))
+    world = {"c.tif": (501000.25, 2800000 - 0.25)}  # the centre of its top-left pixel
+    mapped = [centre_on_map(x, y, ties[n]) if n in ties else (world[n][0] + x * 0.5, world[n][1] - y * 0.5)
+              for n, x, y, _ in rows]
+    (tmp_path / "clicks.geojson").write_text(geojson([feature(mx, my, label=c)
+                                                      for (mx, my), (*_, c) in zip(mapped, rows)]))
+    runs = []
+    for clicks_file in ["clicks.csv", "clicks.geojson"]:
+        runs.append(tmp_path / clicks_file.replace(".", "_"))
+        train.main(tiny_args(root, runs[-1], "--point-labels", str(tmp_path / clicks_file), "--epochs", "2"))
+    said = capsys.readouterr().out
+    held = re.search(r"held out for validation \(--val-images 1\): (\S+)\n", said)  # a fifth, at least 1
+    assert held and held.group(1) in ("a.tif", "b.tif", "c.tif")
+    # the same clicks in pixels and on the map: the same points, the same loss table
+    trained = [(r / "points.csv").read_text() for r in runs]
+    assert trained[0] == trained[1] and held.group(1) not in trained[0]  # never trained on
+    assert len(trained[0].splitlines()) == 1 + 2 * 15
+    history = [json.loads((r / "metrics.json").read_text())["history"] for r in runs]
+    assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]]
+    last = history[0][-1]
+    assert "miou" not in last and last["click_count"] == 15 and 0 <= last["click_accuracy"] <= 1
+    classes = json.loads((runs[0] / "classes.json").read_text())["classes"]
+    assert [c["title"] for c in classes] == sorted({c for *_, c in rows})  # the names in the clicks, sorted
+    assert list(last["click_f1"]) == list(last["click_recall"]) == [c["title"] for c in classes]
+    # map the folder, suggest where to click next, fill the suggestions in, train again
+    out = tmp_path / "maps"
+    ckpt = runs[1] / "ckpt.pt"
+    args = ["--ckpt", str(ckpt), str(root), "--out", str(out), "--device", "cpu", "--precision", "fp32"]
+    assert predict.main(args + ["--suggest", "4"]) == 0
+    suggested = list(csv.DictReader(open(out / "suggestions.csv")))
+    assert len(suggested) == 3 * 4 and all(r["class"] == "" for r in suggested)
+    assert {r["hint"] for r in suggested} <= {c["title"] for c in classes}
+    doc = json.loads((out / "suggestions.geojson").read_text())
+    assert doc["crs"]["properties"]["name"].endswith("32640") and len(doc["features"]) == 3 * 4
+    info = {n: scene.image_info(root / n) for n in ["a.tif", "b.tif", "c.tif"]}
+    for f, r in zip(doc["features"], suggested):  # back from the map to the same pixel
+        placed = [(n, size, geo["world"]) for n, (size, geo) in info.items()]
+        pixel = (Path(r["image"]).name, int(r["x"]), int(r["y"]))
+        assert clicks.locate(placed, *f["geometry"]["coordinates"]) == pixel
+        f["properties"]["class"] = f["properties"]["hint"]  # the annotator fills the class in
+    (out / "suggestions.geojson").write_text(json.dumps(doc))
+    again = tmp_path / "again"
+    train.main(tiny_args(root, again, "--point-labels", str(tmp_path / "clicks.geojson"),
+                         str(out / "suggestions.geojson")))
+    assert len((again / "points.csv").read_text().splitlines()) == 1 + 2 * 15 + 2 * 4
+
+
+def test_partial_masks_and_scribbles_train_as_they_are_with_points_0(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    files = {}
+    for t in (1, 2):
+        mask = np.zeros((64, 64, 3), np.uint8)  # black: a colour in no class, so no label
+        mask[10:12, 5:50] = COLOURS[0]  # a scribble of class 0
+        mask[40:44, 30:34] = COLOURS[2]  # a dab of class 2
+        image = rng.integers(0, 255, (64, 64, 3)).astype(np.uint8)
+        files[f"Tile {t}/images/a.png"] = (image, Image.fromarray(mask))
+    root = write_set(tmp_path / "set", classes_json(), files)
+    train.main(tiny_args(root, tmp_path / "run", "--points", "0", "--val-tiles", "2"))
+    said = capsys.readouterr().out
+    assert "(1 patches, 106 labelled pixels)" in said  # 2 x 45 + 4 x 4 in the one training image
+    assert not (tmp_path / "run" / "points.csv").exists()  # nothing drawn: the scribbles are the labels
 
 
 # ---------------------------------------------------------------------------- interrupted runs
@@ -845,13 +1034,13 @@ def test_non_finite_loss_stops_with_step_and_images(tiny, tmp_path, monkeypatch,
 @pytest.mark.skipif(not os.environ.get("AERIAL_DATA"), reason="AERIAL_DATA names a Kaggle-layout data set")
 def test_real_data_one_small_tile(tmp_path):
     root = Path(os.environ["AERIAL_DATA"])
-    tile = min(data.list_tiles(root), key=lambda t: Image.open(data.list_tiles(root)[t][0]).size[0])
+    tile = min(layout.list_tiles(root), key=lambda t: Image.open(layout.list_tiles(root)[t][0]).size[0])
     args = ["--data", str(root), "--train-tiles", str(tile), "--val-tiles", str(tile), "--epochs", "1"]
     train.main(args + ["--out", str(tmp_path / "run"), "--weights", "none"])
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert 0 < history[0]["loss"] < 1 and 0 < history[0]["miou"] <= 1
-    _, colours = data.read_classes(root)
-    names, _, masks = data.load_tiles(root, [tile], colours)
+    _, colours = layout.read_classes(root)
+    names, _, masks = layout.load_tiles(root, [tile], colours)
     rows = [r.split(",") for r in (tmp_path / "run" / "points.csv").read_text().splitlines()[1:]]
     n_patches = sum(len(data.grid(m.shape[0], 256)) * len(data.grid(m.shape[1], 256)) for m in masks)
     assert len(rows) == 100 * n_patches

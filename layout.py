@@ -1,0 +1,226 @@
+"""Where a data set's images, masks and classes are, and which of them a run trains and validates on.
+
+    ROOT/classes.json            class names and #RRGGBB colours in class order (optional with clicks)
+    ROOT/Tile N/images/NAME.jpg  the Kaggle tile layout; or any folder of images, at any depth
+    ROOT/Tile N/masks/NAME.png   a dense mask, one colour per class: optional (X/images -> X/masks)
+"""
+import colorsys
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+import clicks
+import scene
+from cli import DataError, tile_list
+from data import IGNORE, point_masks
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# colours of classes named by the clicks alone (no classes.json): matplotlib's ten, then hues apart
+PALETTE = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
+           "#BCBD22", "#17BECF"]
+
+
+def hex_to_rgb(h):
+    """'#E2A929' -> (226, 169, 41)"""
+    return tuple(int(h[i : i + 2], 16) for i in (1, 3, 5))
+
+
+def default_colours(n):
+    extra = [colorsys.hsv_to_rgb(i * 0.618 % 1, 0.7, 0.9) for i in range(n - len(PALETTE))]
+    return [hex_to_rgb(h) for h in PALETTE[:n]] + [tuple(round(v * 255) for v in c) for c in extra]
+
+
+def read_classes(root, required=True):
+    """ROOT/classes.json -> (names, colours), colours as (r, g, b) tuples in class order; None when
+    there is none and it is not required."""
+    path = Path(root) / "classes.json"
+    if not path.exists() and not required:
+        return None
+    try:
+        classes = json.loads(path.read_text())["classes"]
+        names = [c["title"] for c in classes]
+        hexes = [c["color"] for c in classes]
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (dense masks need one to name their colours, see README)")
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a list of classes with 'title' and 'color' ({type(e).__name__}: {e})")
+    for h in hexes:
+        if not isinstance(h, str) or not re.fullmatch(r"#[0-9A-Fa-f]{6}", h):
+            raise DataError(f"{path}: colour {h!r} is not of the form #RRGGBB")
+    if not names:
+        raise DataError(f"{path}: holds no classes")
+    return names, [hex_to_rgb(h) for h in hexes]
+
+
+def write_classes(path, names, colours):
+    classes = [{"title": n, "color": "#%02X%02X%02X" % tuple(c)} for n, c in zip(names, colours)]
+    Path(path).write_text(json.dumps({"classes": classes}, indent=1))
+
+
+def find_images(root):
+    """-> [(name relative to root, path, tile number or None)]: the images of ROOT/Tile N/images in the
+    Kaggle layout, else every image under ROOT at any depth, outside folders named masks."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    tiles = list_tiles(root)
+    found = [(p, t) for t, paths in tiles.items() for p in paths]
+    if not tiles:
+        found = [(p, None) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
+                 and not {"masks"} & set(p.relative_to(root).parts[:-1]) and p.is_file()]
+    if not found:
+        raise DataError(f"{root}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [(p.relative_to(root).as_posix(), p, t) for p, t in found]
+
+
+def list_tiles(root):
+    """-> {tile number: [image paths]} for every ROOT/Tile N/images folder ({} if there is none)."""
+    tiles = {}
+    for d in Path(root).glob("Tile */images"):
+        number = d.parent.name.split()[-1]
+        images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if number.isdigit() and images:
+            tiles[int(number)] = images
+    return dict(sorted(tiles.items()))
+
+
+def mask_path(image_path):
+    """X/images/NAME.jpg -> X/masks/NAME.png"""
+    return image_path.parent.parent / "masks" / (image_path.stem + ".png")
+
+
+def read_image(path, bands=None):
+    """-> ((H, W, 3) uint8 as predict.py sees it: bands chosen, 16-bit and float stretched; (H, W) bool
+    of the pixels with data, or None)."""
+    s = scene.read_scene(path, bands)
+    if s["note"]:
+        print(f"{path}: {s['note']}")
+    return s["rgb"], s["valid"]
+
+
+def read_mask(path, colours, shape):
+    """A colour mask -> ((H, W) uint8 class indices, IGNORE where the colour is in no class, number of
+    such pixels)."""
+    rgb = scene.read_scene(path)["rgb"].astype(np.int32)
+    if rgb.shape[:2] != shape:
+        raise DataError(f"{path}: mask is {rgb.shape[1]}x{rgb.shape[0]}, its image is {shape[1]}x{shape[0]}")
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # one int per colour
+    mask = np.full(code.shape, IGNORE, np.uint8)
+    for i, (r, g, b) in enumerate(colours):
+        mask[code == (r << 16 | g << 8 | b)] = i
+    return mask, int((mask == IGNORE).sum())
+
+
+def read_images(files, colours=None, bands=None):
+    """[(name, path)] -> (images (H, W, 3) uint8, masks (H, W) uint8 with IGNORE where no class or no
+    data; None for every mask when `colours` is None). Masks are required when asked for."""
+    images, masks, unknown = [], [], 0  # unknown: mask pixels whose colour is in no class
+    for _, path in files:
+        image, valid = read_image(path, bands)
+        if colours is not None:
+            if not mask_path(path).exists():
+                raise DataError(f"{path}: has no mask (expected {mask_path(path)})")
+            mask, n = read_mask(mask_path(path), colours, image.shape[:2])
+            unknown += n
+            if valid is not None:
+                mask[~valid] = IGNORE
+        images.append(image)
+        masks.append(mask if colours is not None else None)
+    if unknown:
+        print(f"{unknown} mask pixels have a colour in no class and are ignored")
+    return images, masks
+
+
+def load_tiles(root, tiles, colours):
+    """The images and dense masks of the given tiles -> (names, images, masks)."""
+    available = list_tiles(root)
+    for t in tiles:
+        if t not in available:
+            raise DataError(f"{root}: has no Tile {t} (tiles there: {', '.join(map(str, available))})")
+    files = [(p.relative_to(root).as_posix(), p) for t in tiles for p in available[t]]
+    return [n for n, _ in files], *read_images(files, colours)
+
+
+# ---------------------------------------------------------------------------- what a run uses
+
+
+def choose_split(args, root, files, labelled):
+    """-> (training files, validation files), each [(name, path)]. Tiles: the images of --train-tiles
+    and --val-tiles (all but the last, the last). A folder without tiles: --val-images of the
+    `labelled` images, chosen by the seed, are held out whole; the others are trained on."""
+    tiles = sorted({t for _, _, t in files if t is not None})
+    if tiles:
+        if args.val_images is not None:
+            raise DataError(f"--val-images: {root} is in the tile layout, whose split --val-tiles sets")
+        train_tiles = tile_list(args.train_tiles, tiles[:-1])
+        val_tiles = tile_list(args.val_tiles, tiles[-1:])
+        for t in train_tiles + val_tiles:
+            if t not in tiles:
+                raise DataError(f"{root}: has no Tile {t} (tiles there: {', '.join(map(str, tiles))})")
+        both = sorted(set(train_tiles) & set(val_tiles))
+        if both:
+            print(f"warning: validation tile(s) {','.join(map(str, both))} are also trained on: their scores "
+                  "are optimistic (the model has seen their labels and their pixels)")
+        train = [(n, p) for n, p, t in files if t in train_tiles]
+        return train, [(n, p) for n, p, t in files if t in val_tiles]
+    if args.train_tiles or args.val_tiles:
+        raise DataError(f"--train-tiles, --val-tiles: {root} has no 'Tile N/images' folders (see "
+                        "--val-images)")
+    candidates = [(n, p) for n, p, _ in files if n in labelled]
+    if not candidates:
+        raise DataError(f"{root}: no image has a mask (X/images/NAME -> X/masks/NAME.png); clicks without "
+                        "masks are given with --point-labels")
+    k = args.val_images
+    if k is None:  # a fifth, and at least one where there are two or more
+        k = len(candidates) // 5 or min(1, len(candidates) - 1)
+    if not 0 <= k < len(candidates):
+        raise DataError(f"--val-images {k}: {len(candidates)} image(s) have labels, and one at least must be "
+                        "trained on")
+    held = set(np.random.default_rng(args.seed).permutation(len(candidates))[:k].tolist())
+    if held:
+        held_names = ", ".join(candidates[i][0] for i in sorted(held))
+        print(f"held out for validation (--val-images {k}): {held_names}")
+    return ([f for i, f in enumerate(candidates) if i not in held],
+            [f for i, f in enumerate(candidates) if i in held])
+
+
+def run_data(args, root):
+    """Everything a run reads -> dict: classes, colours; names, images, masks (dense, or None when
+    training from clicks), points (the clicks, or None); val: [(name, image, truth, dense)] with the
+    dense mask or the held-out clicks as truth."""
+    files = find_images(root)
+    classes = read_classes(root, required=not args.point_labels)
+    has_mask = {n for n, p, _ in files if mask_path(p).exists()}
+    by_image = {}
+    if args.point_labels:
+        info = {n: scene.image_info(p) for n, p, _ in files}
+        known = classes and classes[0]
+        by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field)
+        classes = classes or (names, default_colours(len(names)))
+    train, val = choose_split(args, root, files, set(by_image) | has_mask if args.point_labels else has_mask)
+    if args.point_labels:  # training images without a click teach nothing
+        unclicked = [n for n, _ in train if n not in by_image]
+        if unclicked:
+            print(f"{len(unclicked)} training image(s) have no clicks and are left out")
+        train = [(n, p) for n, p in train if n in by_image]
+    if not train:
+        raise DataError(f"{root}: no training image has clicks")
+    names, colours = classes
+    out = {"classes": names, "colours": colours, "names": [n for n, _ in train], "points": None, "val": []}
+    out["images"], out["masks"] = read_images(train, None if args.point_labels else colours, args.bands)
+    if args.point_labels:
+        out["points"] = [(i, x, y, c) for i, (n, _) in enumerate(train) for x, y, c in by_image[n]]
+    val_dense = [(n, p) for n, p in val if n in has_mask]
+    val_clicked = [(n, p) for n, p in val if n not in has_mask and n in by_image]
+    for part, part_colours in [(val_dense, colours), (val_clicked, None)]:
+        images, masks = read_images(part, part_colours, args.bands)
+        for (n, _), image, mask in zip(part, images, masks):
+            dense = mask is not None
+            if not dense:  # the held-out clicks, as a label map
+                mask = point_masks([(0, *p) for p in by_image[n]], [image.shape[:2]])[0]
+            out["val"].append((n, image, mask, dense))
+    if not out["val"]:
+        print("no validation: no validation image has a mask or clicks (see --val-images, --val-tiles)")
+    return out

@@ -1,0 +1,186 @@
+"""Maps of real scenes written to disk: the class mask (a GeoTIFF with the scene's tags, or a PNG and
+its world file), an overlay, the area of each class; scenes of any height mapped one row of windows
+at a time; and the side-by-side pictures of the maps.
+"""
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, TiffImagePlugin
+
+import scene
+from data import IGNORE
+from predict import WINDOW, OVERLAP, ramp, sliding_window, window_starts
+
+
+def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False):
+    """Yield the logits of an (H, W, 3) image in bands of rows, top to bottom: (C, rows, W) float32.
+
+    predict.sliding_window over the whole image, computed one row of windows at a time, so that
+    memory grows with the image's width, not its height: each row is blended with the next by the
+    same vertical ramp (the horizontal one is the same for every row, so it divides out).
+    """
+    h = image.shape[0]
+    ys, wh = window_starts(h, window, overlap)
+    weight = ramp(wh, overlap, next(model.parameters()).device)  # (wh,)
+    carry = None  # weighted logits and weights of the rows that the next row of windows covers too
+    for k, y in enumerate(ys):
+        strip = image[y : y + wh]
+        strip = np.pad(strip, ((0, wh - len(strip)), (0, 0), (0, 0)), mode="symmetric")  # past the bottom
+        acc = sliding_window(model, strip, dtype, window, overlap, tta).mul_(weight[:, None])  # (C, wh, W)
+        wsum = weight.clone()
+        if carry is not None:
+            acc[:, : len(carry[1])] += carry[0]
+            wsum[: len(carry[1])] += carry[1]
+        done = ys[k + 1] - y if k + 1 < len(ys) else wh  # rows that no later window touches
+        carry = (acc[:, done:].clone(), wsum[done:].clone())
+        rows = min(done, h - y)
+        yield acc[:, :rows].div_(wsum[:rows, None])
+
+
+def map_in_bands(model, image, dtype, tta=False, margin=False, progress=False):
+    """(H, W, 3) uint8 -> ((H, W) uint8 class map, (H, W) float16 margin between the probabilities of
+    the two best classes, or None). With `progress`, a line after each band of a long scene."""
+    h, w = image.shape[:2]
+    pred, done, t0 = np.empty((h, w), np.uint8), 0, time.time()
+    gap = np.empty((h, w), np.float16) if margin else None
+    for band in logits_in_bands(model, image, dtype, WINDOW, OVERLAP, tta):
+        rows = slice(done, done + band.shape[1])
+        pred[rows] = band.max(0).indices.to(torch.uint8).cpu().numpy()  # the argmax, faster on a CPU
+        if margin:
+            top2 = band.softmax(0).topk(2, dim=0).values
+            gap[rows] = (top2[0] - top2[1]).cpu().numpy()
+        done += band.shape[1]
+        del band  # before the next band is made
+        if progress and done < h:
+            speed = done * w / 1e6 / (time.time() - t0)
+            left = (h - done) * w / 1e6 / speed
+            print(f"  rows {done}/{h}  {speed:.2f} MP/s  {left:.0f}s left", flush=True)
+    return pred, gap
+
+
+def map_scene(model, meta, dtype, path, stem, bands, tta=False, margin=False):
+    """Map one scene and write its mask and overlay -> dict: pred, margin (or None), geo, areas (rows
+    of class_areas), written (paths)."""
+    s = scene.read_scene(path, bands)
+    if s["note"]:
+        print(f"{path}: {s['note']}")
+    pred, gap = map_in_bands(model, s["rgb"], dtype, tta, margin, progress=True)
+    if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
+        pred[~s["valid"]] = IGNORE
+        if gap is not None:
+            gap[~s["valid"]] = np.inf
+    geo = s["geo"]
+    written = [write_mask(colourize(pred, meta["colours"]), stem, geo)]
+    written.append(write_overlay(s["rgb"], pred, meta["colours"], stem, geo))
+    areas = class_areas(pred, meta["classes"], geo and geo["pixel_m2"])
+    return {"pred": pred, "margin": gap, "geo": geo, "areas": areas, "written": written}
+
+
+def write_mask(mask, stem, geo):
+    """The palette mask: a GeoTIFF with the input's tags when it had them, else a PNG, with a world
+    file (and the input's .prj) beside it when the input had one -> path written."""
+    if geo and geo["tags"]:
+        info = TiffImagePlugin.ImageFileDirectory_v2()
+        for tag, (kind, value) in geo["tags"].items():
+            info[tag], info.tagtype[tag] = value, kind
+        path = Path(f"{stem}_mask.tif")
+        mask.save(path, tiffinfo=info, compression="tiff_deflate")
+        return path
+    path = Path(f"{stem}_mask.png")
+    mask.save(path)
+    write_world(path, ".pgw", geo)
+    return path
+
+
+def write_world(path, suffix, geo):
+    if geo:
+        path.with_suffix(suffix).write_text("".join(f"{v!r}\n" for v in geo["world"]))
+        if geo["prj"]:
+            shutil.copyfile(geo["prj"], path.with_suffix(".prj"))
+
+
+def write_overlay(rgb, pred, colours, stem, geo):
+    """The scene with the classes blended on it, half and half, as a JPEG (and world file); made in
+    strips, so that no float copy of a large scene is ever held."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(colours)] = colours
+    overlay = np.empty_like(rgb)
+    for y in range(0, len(rgb), 256):
+        strip, classes = rgb[y : y + 256], pred[y : y + 256]
+        blend = strip // 2 + palette[classes] // 2
+        overlay[y : y + 256] = np.where((classes == IGNORE)[..., None], strip, blend)  # no data: as it is
+    path = Path(f"{stem}_overlay.jpg")
+    Image.fromarray(overlay).save(path, quality=90)
+    write_world(path, ".jgw", geo)
+    return path
+
+
+def class_areas(pred, names, pixel_m2):
+    """-> rows (class, pixels, share of the scene's valid pixels, hectares or '')."""
+    # in strips: bincount works on a 64-bit copy of what it counts; IGNORE (no data) counts nowhere
+    counts = sum(np.bincount(pred[y : y + 256].ravel(), minlength=256) for y in range(0, len(pred), 256))
+    counts = counts[: len(names)]
+    total = max(int(counts.sum()), 1)
+    return [(n, int(c), f"{c / total:.4f}", f"{c * pixel_m2 / 1e4:.4f}" if pixel_m2 else "")
+            for n, c in zip(names, counts)]
+
+
+def output_stems(paths):
+    """One output name per input: its file name, or, where inputs share one, its path from their
+    common folder (a/scene.jpg and b/scene.jpg -> a_scene, b_scene) -> (stems, note or '')."""
+    stems = [p.stem for p in paths]
+    shared = {s for s in stems if stems.count(s) > 1}
+    if not shared:
+        return stems, ""
+    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    for keep_suffix in (False, True):  # x.jpg and x.png side by side: x_jpg, x_png
+        named = [str(p.resolve().relative_to(common)) for p in paths]
+        named = [n if keep_suffix else str(Path(n).with_suffix("")) for n in named]
+        named = [n.replace(os.sep, "_").replace(".", "_") if s in shared else s for n, s in zip(named, stems)]
+        if len(set(named)) == len(named):
+            break
+    renamed = ", ".join(f"{p} -> {n}" for p, n, s in zip(paths, named, stems) if s in shared)
+    return named, f"inputs share a file name; their outputs are named by their paths: {renamed}"
+
+
+def colourize(classes, colours):
+    """(H, W) class map -> palette image in the data set's colours (IGNORE shows black)."""
+    im = Image.fromarray(classes, mode="P")
+    im.putpalette([v for c in colours for v in c] + [0, 0, 0] * (256 - len(colours)))
+    return im
+
+
+def side_by_side(panels):
+    """Pictures of one size -> one picture, left to right, 10 white pixels apart."""
+    w, h = panels[0].size
+    sheet = Image.new("RGB", (len(panels) * (w + 10) - 10, h), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel.convert("RGB"), (i * (w + 10), 0))
+    return sheet
+
+
+def compare(image, pred, truth, colours, height=512):
+    """image | prediction | truth | errors (red: wrong, white: right, black: no class), scaled."""
+    errors = np.full(truth.shape + (3,), 255, np.uint8)
+    errors[pred != truth] = (220, 30, 30)
+    errors[truth == IGNORE] = 0
+    size = (round(image.shape[1] * height / image.shape[0]), height)
+    pictures = [Image.fromarray(image).resize(size, Image.BILINEAR)]  # the classes: nearest, no blend
+    pictures += [p.resize(size, Image.NEAREST) for p in (colourize(pred, colours), colourize(truth, colours),
+                                                          Image.fromarray(errors))]
+    return side_by_side(pictures)
+
+
+def draw_points(image, labels, colours):
+    """The image with each labelled pixel drawn as a 3x3 dot in its class colour."""
+    dots, (h, w) = image.copy(), labels.shape
+    ys, xs = np.nonzero(labels != IGNORE)
+    colour = np.array(colours, np.uint8)[labels[ys, xs]]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            dots[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] = colour
+    return Image.fromarray(dots)
