@@ -25,12 +25,20 @@ def read_clicks(paths, info, class_names=None, field=None):
     for path in map(Path, paths):
         geojson = path.suffix.lower() in (".geojson", ".json")
         rows += read_geojson(path, info, field) if geojson else read_csv(path, info, field)
+    if not rows:
+        raise DataError(f"{', '.join(map(str, paths))}: no click on an image of the data set")
+    return classify(rows, class_names)
+
+
+def classify(rows, class_names=None):
+    """Rows (where, image name, x, y, class as written) -> ({image name: [(x, y, class index)]},
+    class names: those given, or the names found in the rows, sorted)."""
     empty = sum(r[4] == "" for r in rows)
     if empty:
         print(f"{empty} click(s) have no class yet (suggestions to fill in?) and are skipped")
     rows = [r for r in rows if r[4] != ""]
     if not rows:
-        raise DataError(f"{', '.join(map(str, paths))}: no click with a class on an image of the data set")
+        raise DataError(f"{rows[0][0]}: no click has a class yet (every class is left empty)")
     named = class_names is not None
     class_names = class_names or sorted({r[4] for r in rows})
     index = {n: i for i, n in enumerate(class_names)}

@@ -33,9 +33,9 @@ def default_colours(n):
 
 
 def read_classes(root, required=True):
-    """ROOT/classes.json -> (names, colours), colours as (r, g, b) tuples in class order; None when
-    there is none and it is not required."""
-    path = Path(root) / "classes.json"
+    """ROOT/classes.json (or a .json file named) -> (names, colours), colours as (r, g, b) tuples in
+    class order; None when there is none and it is not required."""
+    path = Path(root) if str(root).endswith(".json") else Path(root) / "classes.json"
     if not path.exists() and not required:
         return None
     try:

@@ -4,7 +4,9 @@ Fast (no network, tiny data written here); set AERIAL_DATA to a data set to add 
 """
 import copy
 import csv
+import io
 import json
+import math
 import os
 import platform
 import re
@@ -13,7 +15,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from PIL import Image, TiffImagePlugin
 
 import clicks
 import data
+import label
 import layout
 import maps
 import predict
@@ -805,7 +811,7 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     ("another CRS", "its crs is EPSG:4326, the images' EPSG:32640: reproject"),
     ("no class", "feature 0: no class (class or class_name or label or class_id"),
     ("a class not in classes.json", "feature 0: class 'Lava' is not in classes.json"),
-    ("no point on an image", "no click with a class on an image of the data set"),
+    ("no point on an image", "no click on an image of the data set"),
     ("a CSV row with bad numbers", "clicks.csv:3: expected columns image,x,y,class with whole numbers"),
     ("a CSV row outside its image", r"clicks.csv:2: point \(40, 0\) is outside a.tif \(40x30\)"),
     ("a CSV row naming no image", "clicks.csv:2: unknown image 'b.tif'"),
@@ -941,6 +947,189 @@ def test_partial_masks_and_scribbles_train_as_they_are_with_points_0(tmp_path, c
     said = capsys.readouterr().out
     assert "(1 patches, 106 labelled pixels)" in said  # 2 x 45 + 4 x 4 in the one training image
     assert not (tmp_path / "run" / "points.csv").exists()  # nothing drawn: the scribbles are the labels
+
+
+# ---------------------------------------------------------------------------- the click page
+
+
+@pytest.fixture
+def label_server(tiny, tmp_path):
+    """label.py serving two images of the tiny set (one cut to 90x60, so that x and y differ) with a
+    clicks file and the tiny run's checkpoint -> (base address, clicks file, server)."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    image = layout.read_image(tiny / "Tile 1" / "images" / "image_part_001.jpg")[0]
+    Image.fromarray(image[:60, :90]).save(root / "sub" / "wide.png")
+    Image.fromarray(image).save(root / "square.jpg")
+    (root / "classes.json").write_text((tiny / "classes.json").read_text())
+    points = tmp_path / "clicks.csv"
+    server = label.serve(label.get_args([str(root), "--points", str(points), "--port", "0"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", points, server
+    server.shutdown()
+    server.server_close()
+
+
+def request(url, body=None):
+    """-> (status, body bytes) of a GET, or of a POST of `body` (bytes)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, capsys):
+    base, points, server = label_server
+    state = json.loads(request(base + "/state")[1])
+    assert [i["name"] for i in state["images"]] == ["square.jpg", "sub/wide.png"]
+    assert state["images"][1]["width"] == 90 and state["images"][1]["height"] == 60 and not state["model"]
+    add = {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}
+    assert request(base + "/change", json.dumps(add).encode())[0] == 200
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,80,5,Road\n"  # saved at once
+    # the file is what train.py reads
+    info = {n: scene.image_info(server.labels.root / n) for n in ["square.jpg", "sub/wide.png"]}
+    assert clicks.read_clicks([points], info, layout.read_classes(server.labels.root)[0])[0] == \
+        {"sub/wide.png": [(80, 5, 2)]}
+    capsys.readouterr()
+    bad = [("/../classes.json", None), ("/image/..%2F..%2Fclasses.json", None), ("/image/%2e%2e", None),
+           ("/%2e%2e/%2e%2e/etc/passwd", None), ("//etc/passwd", None), ("/image/2", None),
+           ("/image/-1", None),
+           ("/map/0", None), ("/change", b"{not json"),  # /map: no model here
+           ("/change", b'{"image": "sub/wide.png", "x": 90, "y": 0, "class": "Road"}'),
+           ("/change", b'{"image": "../x.png", "x": 1, "y": 1, "class": "Road"}'),
+           ("/change", b'{"image": "sub/wide.png", "x": 1.5, "y": 1, "class": "Road"}'),
+           ("/change", b'{"image": "sub/wide.png", "x": 1, "y": 1, "class": "Lava"}'), ("/change", b"[1, 2]")]
+    for path, body in bad:
+        status, _ = request(base + path, body)
+        assert (status == 404) if body is None else (status == 400), (path, status)
+    log = capsys.readouterr().err.strip().splitlines()
+    assert len(log) == len(bad) and "Traceback" not in "".join(log)  # one line each
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,80,5,Road\n"  # untouched by them
+    # two tabs at once: every change lands, and the file is always whole
+    def tab(k):
+        for y in range(10):
+            click = {"image": "square.jpg", "x": k, "y": y, "class": "Water"}
+            request(base + "/change", json.dumps(click).encode())
+
+    tabs = [threading.Thread(target=tab, args=(k,)) for k in range(4)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join()
+    rows = list(csv.DictReader(open(points)))
+    assert len(rows) == 41
+    assert {(int(r["x"]), int(r["y"])) for r in rows[1:]} == {(k, y) for k in range(4) for y in range(10)}
+    # a click on a point removes it; a new server (a reload) shows what was saved
+    request(base + "/change", json.dumps({"image": "sub/wide.png", "x": 80, "y": 5}).encode())
+    again = label.Labels(server.labels.root, points, None, None, 3)
+    assert len(again.clicks) == 40 and ("sub/wide.png", 80, 5, "Road") not in again.clicks
+
+
+def test_label_server_with_a_checkpoint_gives_the_map_and_predict_py_suggestions(tiny, tiny_run, tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    image = layout.read_image(tiny / "Tile 3" / "images" / "image_part_001.jpg")[0]
+    Image.fromarray(image).save(root / "a.png")
+    ckpt = str(tiny_run[1] / "ckpt.pt")
+    args = [str(root), "--points", str(tmp_path / "c.csv"), "--port", "0", "--ckpt", ckpt,
+            "--classes", str(tiny / "classes.json")]
+    server = label.serve(label.get_args(args))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    status, png = request(base + "/map/0")
+    shown = np.array(Image.open(io.BytesIO(png)))
+    status2, near = request(base + "/suggestions/0")
+    server.shutdown()
+    server.server_close()
+    # the same map and suggestions as predict.py computes with that checkpoint
+    assert predict.main(["--ckpt", ckpt, str(root / "a.png"), "--out", str(tmp_path / "p"), "--suggest", "10",
+                         "--device", "cpu", "--precision", "fp32"]) == 0  # the precision the run trained in
+    assert status == status2 == 200
+    assert np.array_equal(shown, np.array(Image.open(tmp_path / "p" / "a_mask.png")))
+    expected = list(csv.DictReader(open(tmp_path / "p" / "suggestions.csv")))
+    assert json.loads(near) == [{"x": int(r["x"]), "y": int(r["y"]), "hint": r["hint"]} for r in expected]
+
+
+def test_label_bad_input_is_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, capsys):
+    empty, photos = tmp_path / "empty", tmp_path / "photos"
+    empty.mkdir()
+    photos.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photos / "a.png")
+    (tmp_path / "bad.csv").write_text("image,x,y,class\na.png,30,1,Water\n")
+    (tmp_path / "good.csv").write_text("image,x,y,class\na.png,3,1,Water\n")
+    rows = [  # arguments, the start of the message
+        ([empty, "--points", tmp_path / "c.csv"], f"{empty}: holds no images"),
+        ([photos, "--points", tmp_path / "c.csv"], f"{photos}: no classes.json and no clicks yet"),
+        ([photos, "--points", tmp_path / "bad.csv"], f"{tmp_path / 'bad.csv'}:2: point (30, 1) is outside"),
+        ([photos, "--points", tmp_path / "c.csv", "--classes", tmp_path / "nope.json"], "--classes"),
+        ([photos, "--points", tmp_path / "good.csv", "--ckpt", tiny_run[1] / "ckpt.pt"], "--ckpt"),
+        ([photos, "--points", tmp_path / "good.csv", "--port", "99999"], "--host 127.0.0.1 --port 99999"),
+    ]
+    for args, message in rows:
+        assert command_line(label.main, list(map(str, args))) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def chromium_missing():
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return True
+    return not Path("/usr/bin/chromium").exists()
+
+
+def click_on_the_page(base, shot=None):
+    """In headless Chromium: press 3, click the canvas twice at one place (add, then remove) and
+    report what the page computed -> dict: box, the client position clicked, toImage there, the point
+    nearest(), and the clicks file's rows after each click (read by `after`). With `shot`, a screenshot
+    with the map shown (key m) after the first click."""
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]
+    seen = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto(base + "/")
+        page.wait_for_function("S && picture.complete && picture.naturalWidth")
+        page.keyboard.press("n")  # the second image: 90x60
+        page.wait_for_function("S && S.images[cur].width === 90 && picture.complete && picture.naturalWidth")
+        page.keyboard.press("3")
+        box = page.locator("canvas").bounding_box()
+        seen["box"], scale = box, box["width"] / 90  # CSS pixels per image pixel
+        # 2 CSS pixels right of and below the centre of image pixel (54, 16)
+        at = seen["at"] = (box["x"] + 54.5 * scale + 2, box["y"] + 16.5 * scale + 2)
+        seen["toImage"] = page.evaluate(f"toImage({at[0]}, {at[1]})")
+        page.mouse.click(*at)
+        page.wait_for_function("S.clicks.length === 1")
+        seen["nearest"] = [page.evaluate(f"nearest(here(), {at[0] + d}, {at[1] - d})") for d in (2, 9)]
+        seen["after add"] = page.evaluate("S.clicks")
+        if shot:
+            page.keyboard.press("m")
+            page.wait_for_timeout(2000)
+            page.screenshot(path=shot)
+        page.mouse.click(*seen["at"])
+        page.wait_for_function("S.clicks.length === 0")
+        browser.close()
+    return seen
+
+
+@pytest.mark.skipif(chromium_missing(), reason="needs Chromium and Playwright: apt-get install -y "
+                    "chromium && pip install playwright")
+def test_label_page_in_a_browser_clicks_the_right_pixel(label_server, tmp_path):
+    base, points, _ = label_server
+    seen = click_on_the_page(base)
+    box, (cx, cy) = seen["box"], seen["at"]
+    # the reference: the canvas box is the whole 90x60 image, so a client position maps proportionally
+    x, y = math.floor((cx - box["x"]) * 90 / box["width"]), math.floor((cy - box["y"]) * 60 / box["height"])
+    assert abs(box["width"] / box["height"] - 90 / 60) < 0.02  # the box has the image's shape
+    assert seen["toImage"] == {"x": x, "y": y} and (x, y) == (54, 16)
+    assert seen["after add"] == [{"image": "sub/wide.png", "x": x, "y": y, "class": "Road"}]  # key 3: class 2
+    assert seen["nearest"] == [seen["after add"][0], None]  # 4 CSS pixels from the point, and 11
+    assert points.read_text() == "image,x,y,class\n"  # the second click removed it
 
 
 # ---------------------------------------------------------------------------- interrupted runs
