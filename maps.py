@@ -25,6 +25,9 @@ def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fal
     """
     h = image.shape[0]
     ys, wh = window_starts(h, window, overlap)
+    if len(ys) == 1:  # one row of windows: the sliding window itself
+        yield sliding_window(model, image, dtype, window, overlap, tta)
+        return
     weight = ramp(wh, overlap, next(model.parameters()).device)  # (wh,)
     carry = None  # weighted logits and weights of the rows that the next row of windows covers too
     for k, y in enumerate(ys):

@@ -232,11 +232,11 @@ def main(argv=None):
         p.error("give images or folders to map, or --data (and --tiles) to score")
     if args.suggest < 0:
         raise DataError(f"--suggest {args.suggest}: must be 0 (none) or more")
-    out = Path(args.out)
-    check_writable(out, "--out")
     keep_freed_memory()
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.ckpt, device)
+    out = Path(args.out)
+    check_writable(out, "--out")  # after the quick checks, before the long work
     model = fold_batch_norm(model)  # inference only: batch norm becomes part of each convolution
     dtype = pick_dtype(args.precision, device, model, train=False)
     bands = band_list(args.bands) if args.bands else meta.get("bands")

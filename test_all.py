@@ -190,6 +190,9 @@ def test_precision_timing_for_real_leaves_the_model_as_it_was(monkeypatch, capsy
 
 
 def test_device_auto_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert pick_device("auto").type == "mps"
@@ -206,12 +209,33 @@ def test_freed_memory_is_kept_for_reuse():
         line = next(s for s in Path("/proc/self/maps").read_text().splitlines() if s.endswith("[heap]"))
         return [int(a, 16) for a in line.split()[0].split("-")]
 
-    keep_freed_memory()
+    if not keep_freed_memory():
+        pytest.skip("this glibc refused the mallopt settings (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)")
     block = torch.ones(16 * 2**20)  # 64 MB: by default a mapping of its own, handed back when freed
     start, end = heap()
     assert start <= block.data_ptr() < end  # from the heap instead,
     del block
     assert heap()[1] >= end  # and the heap keeps it when it is freed
+
+
+def test_the_decoder_takes_each_skip_at_its_own_scale():
+    """The forward against the U-Net written out again here: encoder stages, then each decoder stage
+    upsampled to its skip (1/16, 1/8, 1/4, 1/2) and concatenated with it, then full resolution."""
+    torch.manual_seed(0)
+    net = ResNetUNet(3).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        f1 = net.relu(net.bn1(net.conv1(x)))
+        f2 = net.layer1(net.maxpool(f1))
+        f3 = net.layer2(f2)
+        f4 = net.layer3(f3)
+        y = net.layer4(f4)
+        for block, skip in [(net.up1, f4), (net.up2, f3), (net.up3, f2), (net.up4, f1)]:
+            y = torch.cat([F.interpolate(y, size=skip.shape[-2:], mode="nearest"), skip], 1)
+            y = block.conv2(block.conv1(y))
+        y = net.up5.conv2(net.up5.conv1(F.interpolate(y, size=(64, 96), mode="nearest")))
+        assert [f.shape[-1] for f in (f1, f2, f3, f4)] == [48, 24, 12, 6]
+        assert torch.equal(net(x), net.head(y))
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -266,6 +290,23 @@ def test_balanced_class_weights():
     assert 0.8 * w[0] + 0.2 * w[1] == pytest.approx(1)  # the average labelled pixel weighs 1
 
 
+def test_lr_schedule_is_a_half_cosine_and_batch_norm_averages_all_batches_then_one_epoch():
+    total = 400
+    for step in [0, 50, 100, 200, 300, 399]:  # a linear decay agrees with the cosine at 200 only
+        half_cosine = 1e-3 * (1 + math.cos(math.pi * step / total)) / 2
+        assert train.get_lr(step, total, 1e-3, "cosine") == pytest.approx(half_cosine)
+        assert train.get_lr(step, total, 1e-3, "constant") == 1e-3
+    assert train.get_lr(100, total, 1e-3, "cosine") == pytest.approx(0.853553e-3, rel=1e-5)  # not 0.75e-3
+    # momentum 1/(n+1) at step n is the plain mean of all batches so far; from 1/steps on, a moving average
+    mean, values = torch.zeros(1), [4.0, 1.0, 7.0]
+    for n, v in enumerate(values):
+        m = train.batch_norm_momentum(n, steps_per_epoch=50)
+        mean = (1 - m) * mean + m * v
+    assert mean.item() == pytest.approx(sum(values) / 3)
+    assert train.batch_norm_momentum(10_000, 50) == 1 / 50  # the last epoch,
+    assert train.batch_norm_momentum(10_000, 500) == 1 / 100  # or the last 100 batches
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -304,6 +345,27 @@ def test_reader_palette_masks_unknown_colours_and_missing_masks(tmp_path, capsys
         layout.load_tiles(root, [1], COLOURS)
 
 
+def test_augmentation_turns_labels_with_their_image_and_padding_has_no_label():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 250, (40, 50, 3)).astype(np.uint8)
+    labels = image[..., 0] % 7  # each label is a function of its pixel: a turn must keep them together
+    ds = data.PatchDataset([image], [labels], 64, augment=True, seed=0)
+    seen = set()
+    for epoch in range(12):
+        ds.epoch = epoch
+        im, lab, _ = ds[0]
+        im, lab = im.numpy(), lab.numpy()
+        inside = lab != data.IGNORE
+        assert np.array_equal(lab[inside], im[..., 0][inside] % 7)
+        assert inside.sum() == 40 * 50  # padding (mirrored pixels) carries no label
+        seen.add(tuple(np.argwhere(inside)[0]))  # where the image's corner went
+    assert len(seen) >= 4
+    padded, padded_labels = data.pad_to(image, labels, 64)
+    assert padded.shape == (64, 64, 3) and (padded_labels[40:] == data.IGNORE).all()
+    assert (padded_labels[:, 50:] == data.IGNORE).all() and np.array_equal(padded_labels[:40, :50], labels)
+    assert np.array_equal(padded[40:44, :50], image[39:35:-1])  # mirrored, as np.pad's "symmetric"
+
+
 # ---------------------------------------------------------------------------- inference and scores
 
 
@@ -323,6 +385,44 @@ def test_sliding_window_matches_a_whole_image_pass():
     assert (windows.argmax(0) == whole.argmax(0)).float().mean() > 0.98
     small = predict.predict_mask(model, image[:40, :33], torch.float32, window=128)
     assert small.shape == (40, 33)
+
+
+class CountingModel(torch.nn.Module):
+    """A stand-in network whose logits are the number of the window it is called on (1, 2, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Conv2d(1, 2, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.full((x.shape[0], 2, *x.shape[2:]), float(self.calls))
+
+
+def test_sliding_window_blends_windows_with_ramps_towards_their_edges():
+    image = np.zeros((100, 150, 3), np.uint8)
+    logits = predict.sliding_window(CountingModel(), image, torch.float32, window=64, overlap=16)[0].numpy()
+    # the reference, written out: windows of 64 at starts 0, 48 (rows) and 0, 48, 96 (columns), each
+    # weighted by min(distance to its nearer edge / 16, 1), taken from a pixel's centre
+    def ramp(i):
+        return np.minimum(np.minimum(i + 0.5, 64 - i - 0.5) / 16, 1)
+
+    total, weights = np.zeros((112, 160)), np.zeros((112, 160))
+    for k, (y, x) in enumerate([(y, x) for y in (0, 48) for x in (0, 48, 96)], start=1):
+        w = ramp(np.arange(64))[:, None] * ramp(np.arange(64))[None, :]
+        total[y : y + 64, x : x + 64] += k * w
+        weights[y : y + 64, x : x + 64] += w
+    assert np.allclose(logits, (total / weights)[:100, :150], atol=1e-5)
+    assert logits[56, 56] != pytest.approx((1 + 2 + 4 + 5) / 4)  # not the plain mean of the four windows
+
+
+def test_scenes_mapped_in_bands_equal_the_whole_image_window(tiny_run):
+    model = fold_batch_norm(copy.deepcopy(tiny_run[0])).eval()
+    image = np.random.default_rng(0).integers(0, 255, (300, 130, 3)).astype(np.uint8)
+    whole = predict.sliding_window(model, image, torch.float32, window=96)
+    bands = list(maps.logits_in_bands(model, image, torch.float32, window=96))
+    assert len(bands) > 2 and torch.allclose(torch.cat(bands, 1), whole, atol=1e-4)
 
 
 def test_test_time_augmentation_is_the_mean_over_the_eight_turns():
@@ -356,6 +456,14 @@ def test_scores_on_a_handmade_case():
     assert s["iou"] == {"a": 1 / 3, "b": 2 / 3, "c": 1 / 2, "d": None, "e": None}
     assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert s["pixel_acc"] == 4 / 6
+
+
+def test_a_class_never_found_counts_as_iou_0_in_the_mean():
+    truth = np.array([0, 0, 1, 1, 2, 2], np.uint8)
+    pred = np.array([0, 0, 1, 1, 1, 1], np.uint8)  # class 2 is in the truth, never predicted
+    s = predict.scores(predict.confusion(truth, pred, 4), ["a", "b", "c", "d"])
+    assert s["iou"] == {"a": 1.0, "b": 0.5, "c": 0.0, "d": None}
+    assert s["miou"] == pytest.approx(1.5 / 3)  # c counts, d (in neither) does not
 
 
 # ---------------------------------------------------------------------------- real scenes
@@ -481,7 +589,44 @@ def test_world_numbers_from_geotiff_tags():
         assert world[:4] == [0.3, -0.05, 0.1, -0.3]
         assert world[4:] == pytest.approx(centre_of_top_left_pixel(m, corner=not point))
     assert scene.world_from_tags(geotiff_tags()) == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
+    # tie point at raster (2, 3): the top-left corner is 2 pixels left of and 3 above its map point
+    tied = scene.world_from_tags(geotiff_tags(tie=(2.0, 3.0, 500100.0, 2800200.0)))
+    assert tied == [0.5, 0.0, 0.0, -0.5, 500100 - 1.0 + 0.25, 2800200 + 1.5 - 0.25]
     assert scene.world_from_tags(geotiff_tags(point=True))[4:] == [500000.0, 2800000.0]
+
+
+def test_gdal_no_data_float_and_32_bit_bands(tmp_path, tiny_run):
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.uint32):
+        values = (rng.random((24, 30, 3)) * 5e6).astype(dtype)
+        values[:5] = 0  # no data: every band 0
+        write_tiff(tmp_path / "x.tif", values)
+        raw = bytearray((tmp_path / "x.tif").read_bytes())  # add GDAL's no-data tag (ASCII "0")
+        tiff_with_nodata(tmp_path / "x.tif", raw)
+        s = scene.read_scene(tmp_path / "x.tif")
+        assert s["valid"] is not None and not s["valid"][:5].any() and s["valid"][5:].all()
+        for b in range(3):
+            ref = values[5:, :, b].astype(np.float64)
+            lo, hi = np.percentile(ref, [2, 98])
+            expected = np.clip((values[..., b] - lo) * 255 / (hi - lo), 0, 255).astype(int)
+            assert np.abs(s["rgb"][5:, :, b].astype(int) - expected[5:]).max() <= 1
+    out = tmp_path / "out"
+    assert predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "x.tif"), "--out", str(out),
+                         "--device", "cpu", "--precision", "fp32"]) == 0
+    mask = np.array(Image.open(out / "x_mask.png"))
+    assert (mask[:5] == data.IGNORE).all() and (mask[5:] < 5).all()  # no data: no class
+
+
+def tiff_with_nodata(path, raw):
+    """Append GDAL's no-data tag (42113, ASCII '0') to the one image directory of a TIFF written by
+    write_tiff: the directory is rewritten at the end of the file with one entry more."""
+    ifd = struct.unpack("<I", raw[4:8])[0]
+    n = struct.unpack("<H", raw[ifd : ifd + 2])[0]
+    entries = [raw[ifd + 2 + 12 * k : ifd + 14 + 12 * k] for k in range(n)]
+    entries.append(struct.pack("<HHI", 42113, 2, 2) + b"0\0\0\0")
+    body = raw + b"\0" * (len(raw) % 2)
+    body[4:8] = struct.pack("<I", len(body))
+    Path(path).write_bytes(bytes(body) + struct.pack("<H", len(entries)) + b"".join(entries) + b"\0" * 4)
 
 
 def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
@@ -555,6 +700,9 @@ def test_one_epoch_writes_everything_and_the_checkpoint_reloads(tiny, tiny_run):
     assert 0 < history[0]["loss"] < 1 and 0 <= history[0]["miou"] <= 1
     lines = (run / "points.csv").read_text().splitlines()
     assert lines[0] == "image,x,y,class" and len(lines) == 1 + 2 * 2 * 4 * 100  # tiles 1-2, 4 patches each
+    names, _, masks = layout.load_tiles(tiny, [1, 2], layout.read_classes(tiny)[1])
+    rows = [line.split(",") for line in lines[1:]]
+    assert all(masks[names.index(n)][int(y), int(x)] == int(c) for n, x, y, c in rows)  # each on its class
     assert Image.open(run / "panel.png").size == (4 * 64 + 30, 64)
     assert Image.open(run / "points.jpg").size == (96, 96)  # the first training image
     reloaded, ckpt = load_checkpoint(run / "ckpt.pt")
@@ -599,8 +747,21 @@ def test_torchrun_ranks_end_with_identical_weights(tiny, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = ("import sys, torch, train; m = train.main(sys.argv[2:]); "
-              "torch.save(dict(m.named_parameters()), sys.argv[1])")
+    script = """if True:  # each rank records the points it trains on and the patches its sampler gives it
+        import json, sys, torch, train
+        seen, make_labels, sampler = {"indices": []}, train.make_labels, train.DistributedSampler
+        def recorded(args, d):
+            labels, seen["points"] = make_labels(args, d)
+            return labels, seen["points"]
+        class Recorded(sampler):
+            def set_epoch(self, epoch):
+                super().set_epoch(epoch)
+                seen["indices"].append(list(iter(self)))
+        train.make_labels, train.DistributedSampler = recorded, Recorded
+        m = train.main(sys.argv[2:])
+        torch.save(dict(m.named_parameters()), sys.argv[1])
+        json.dump(seen, open(sys.argv[1] + ".json", "w"))
+    """
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -615,6 +776,10 @@ def test_torchrun_ranks_end_with_identical_weights(tiny, tmp_path):
     assert "epoch 1/1" in outs[0][0] and outs[1][0] == ""  # rank 0 alone prints
     written = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(written[k], a[k]) for k in a)  # and writes what it trained
+    seen = [json.load(open(tmp_path / f"rank{r}.pt.json")) for r in range(2)]
+    assert seen[0]["points"] == seen[1]["points"] and len(seen[0]["points"]) == 2 * 2 * 4 * 100  # same points
+    halves = [set(s["indices"][0]) for s in seen]  # and each rank half of the 16 patches
+    assert len(halves[0]) == len(halves[1]) == 8 and halves[0] | halves[1] == set(range(16))
 
 
 # ---------------------------------------------------------------------------- bad input: one line, exit 2
@@ -648,7 +813,7 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, ca
         (train, ["--patch", "48"], "--patch 48: must be a multiple of 32"),
         (train, ["--patch", "4096"], "--patch 4096: larger than every training image (the largest is 96x96)"),
         (train, ["--out", blocked / "run", "--data", nowhere], f"--out {blocked / 'run'}: cannot be written"),
-        (predict, ["--ckpt", nowhere, "x.jpg", "--out", blocked / "p"], f"--out {blocked / 'p'}: cannot be"),
+        (predict, ["--ckpt", ckpt, "x.jpg", "--out", blocked / "p"], f"--out {blocked / 'p'}: cannot be"),
         (bench, ["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
     ]
     for script, args, message in rows:
@@ -716,7 +881,7 @@ def test_bad_device(tiny, tmp_path):
     with pytest.raises(DataError, match="no CUDA GPU"):
         train.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda"))
     with pytest.raises(DataError, match="not a device"):
-        predict.main(["--ckpt", "x.pt", "--device", "gpu0", "a.jpg"])
+        predict.main(["--ckpt", "x.pt", "--device", "gpu0", "a.jpg", "--out", str(tmp_path / "p")])
 
 
 def test_points_csv_is_checked_and_used(tiny, tmp_path):
@@ -755,7 +920,11 @@ def test_small_images_are_padded_and_big_point_counts_capped(tmp_path, capsys):
     said = capsys.readouterr().out
     assert said.count("fewer labelled pixels") == 1 and "epoch 1/1" in said
     assert "--patch 64: 1 of 2 training images are smaller and are padded" in said
-    assert len((tmp_path / "run" / "points.csv").read_text().splitlines()) == 1 + 40 * 50 + 64 * 70
+    rows = [r.split(",") for r in (tmp_path / "run" / "points.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 40 * 50 + 64 * 70  # every pixel of the two images, each once
+    shapes = {"Tile 1/images/a.png": (40, 50), "Tile 1/images/b.png": (64, 70)}
+    assert {(n, int(x), int(y)) for n, x, y, _ in rows} == {(n, x, y) for n, (h, w) in shapes.items()
+                                                           for y in range(h) for x in range(w)}
 
 
 def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
@@ -765,7 +934,72 @@ def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
         predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--data", str(other), "--out",
                       str(tmp_path / "p")])
     with pytest.raises(DataError, match="no such checkpoint"):
-        predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg"])
+        predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg", "--out", str(tmp_path / "p")])
+
+
+def test_predict_flags_tta_bands_and_a_model_transformation_carried_into_the_mask(tiny_run, tmp_path):
+    rng = np.random.default_rng(5)
+    five = rng.integers(0, 256, (40, 56, 5)).astype(np.uint8)  # five bands: no alpha to guess at
+    write_tiff(tmp_path / "five.tif", five)
+    m = [0.3, 0.1, 0, 400000.0, -0.05, -0.3, 0, 3000000.0, 0, 0, 0, 0, 0, 0, 0, 1]
+    save_geotiff(tmp_path / "turned.tif", five[..., :3], geotiff_tags(m))
+    model = fold_batch_norm(copy.deepcopy(tiny_run[0])).eval()
+    base = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--device", "cpu", "--precision", "fp32"]
+    for extra, image in [([], five[..., :3]), (["--bands", "4,2,1"], five[..., [3, 1, 0]]),
+                         (["--tta"], five[..., :3])]:
+        out = tmp_path / "_".join(extra or ["plain"])
+        assert predict.main(base + [str(tmp_path / "five.tif"), "--out", str(out)] + extra) == 0
+        image = np.ascontiguousarray(image)
+        expected = predict.predict_mask(model, image, torch.float32, tta="--tta" in extra)
+        assert np.array_equal(np.array(Image.open(out / "five_mask.png")), expected), extra
+    assert predict.main(base + [str(tmp_path / "turned.tif"), "--out", str(tmp_path / "t")]) == 0
+    mask = Image.open(tmp_path / "t" / "turned_mask.tif")
+    assert mask.tag_v2[34264] == tuple(m) and 33922 not in mask.tag_v2
+
+
+def test_training_with_bands_keeps_them_for_predict(tiny, tmp_path):
+    root = tmp_path / "set"
+    names, colours = layout.read_classes(tiny)
+    _, images, masks = layout.load_tiles(tiny, [1, 2], colours)
+    for i, (image, mask) in enumerate(zip(images[:2], masks[:2])):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        write_tiff(root / "images" / f"{i}.tif", np.dstack([image[..., ::-1], image[..., :1]]))  # B, G, R, R
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(np.array(colours, np.uint8)[np.minimum(mask, 4)]).save(root / "masks" / f"{i}.png")
+    (root / "classes.json").write_text((tiny / "classes.json").read_text())
+    train.main(tiny_args(root, tmp_path / "run", "--bands", "3,2,1", "--val-images", "1"))
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["bands"] == [3, 2, 1]
+    out = tmp_path / "out"
+    args = ["--ckpt", str(tmp_path / "run" / "ckpt.pt"), str(root / "images" / "0.tif"), "--device", "cpu",
+            "--precision", "fp32"]
+    assert predict.main(args + ["--out", str(out)]) == 0  # the run's bands, unless --bands says otherwise
+    assert predict.main(args + ["--out", str(tmp_path / "again"), "--bands", "3,2,1"]) == 0
+    assert np.array_equal(np.array(Image.open(out / "0_mask.png")), np.array(Image.open(tmp_path / "again" /
+                                                                                       "0_mask.png")))
+
+
+def test_dense_masks_end_to_end_with_points_0(tiny, tmp_path, capsys):
+    train.main(tiny_args(tiny, tmp_path / "run", "--points", "0"))
+    said = capsys.readouterr().out
+    _, masks = layout.read_images([(None, p) for t in (1, 2) for p in layout.list_tiles(tiny)[t]],
+                                  layout.read_classes(tiny)[1])
+    labelled = sum(int((m != data.IGNORE).sum()) for m in masks)  # every pixel with a class
+    assert f"({2 * 2 * 4} patches, {labelled} labelled pixels)" in said
+    assert not (tmp_path / "run" / "points.csv").exists() and (tmp_path / "run" / "panel.png").exists()
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_chose(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(speed, "bf16_possible", lambda device: True)
+    timings = {torch.float32: 0.2, torch.bfloat16: 0.1}  # bf16 the faster when the run starts
+    monkeypatch.setattr(speed, "time_network", lambda m, device, dtype, train, size: timings[dtype])
+    args = tiny_args(tiny, tmp_path / "run")[:-4] + ["--device", "cpu", "--precision", "auto"]
+    train.main(args)
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["precision"] == "bf16"
+    timings = {torch.float32: 0.1, torch.bfloat16: 0.2}  # a busy or another machine: fp32 now times faster
+    capsys.readouterr()
+    train.main(args + ["--resume", "--epochs", "2"])
+    said = capsys.readouterr().out
+    assert "precision: bf16, as the run being resumed chose" in said and "device cpu, bfloat16" in said
 
 
 # ---------------------------------------------------------------------------- your own images and clicks
@@ -1154,22 +1388,31 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path)
     train.main(args)
     with pytest.raises(DataError, match="already holds a run"):
         train.main(args)
-    with pytest.raises(DataError, match="--lr 0.01 differs"):
-        train.main(args + ["--resume", "--lr", "0.01"])
-    train.main(args + ["--overwrite"])
-    train.main(args + ["--epochs", "2", "--resume"])
-    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 2
+    changed = [("--lr", "0.01"), ("--points", "7"), ("--seed", "3"), ("--batch-size", "2"), ("--gamma", "1"),
+               ("--val-tiles", "2"), ("--class-weights", "none"), ("--patch", "32"), ("--bands", "3,2,1")]
+    for flag, value in changed:
+        with pytest.raises(DataError, match=f"--resume: {flag} .* differs from the run's"):
+            train.main(args + ["--resume", flag, value])
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    train.main(args + ["--overwrite", "--epochs", "2"])  # starts over: two epochs, not one more
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in again] == [1, 2] and again[0]["loss"] == history[0]["loss"]
+    train.main(args + ["--epochs", "3", "--resume"])
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
 
 
-def wait_for_epochs(run, n, proc):
-    while proc.poll() is None:
+def wait_for_epochs(run, n, proc, timeout=120):
+    """Until the run in `run` has finished n epochs; a child that ends or hangs first fails the test."""
+    end = time.time() + timeout
+    while proc.poll() is None and time.time() < end:
         try:
             if len(json.loads((run / "metrics.json").read_text())["history"]) >= n:
                 return
         except (OSError, ValueError):
             pass
         time.sleep(0.01)
-    raise AssertionError(proc.stdout.read())
+    proc.kill()
+    raise AssertionError(f"no epoch {n} within {timeout}s: " + proc.communicate()[0])
 
 
 def test_kill_9_then_resume_gives_the_same_loss_table(tiny, tmp_path):
