@@ -14,6 +14,8 @@ IGNORE = 255  # label of pixels that carry no class: unlabelled, no data, paddin
 def sample_points(masks, patch, n, seed):
     """n points per grid patch, drawn once, without replacement, only on pixels with a class.
 
+    The budget is per patch of the grid, so it follows the patch size: at --patch 512 a patch holds
+    four times the pixels of one at 256, and the same n is a quarter of the clicks per pixel.
     Overlapping patches never draw the same pixel twice. -> (list of (image index, x, y, class),
     number of patches that had fewer than n labelled pixels and gave all they had).
     """

@@ -116,9 +116,10 @@ def encoded(picture, kind):
 
 def read_classes(given, root, rows):
     """--classes as a classes.json or as names 'Water,Land,...'; else ROOT/classes.json; else the
-    classes of the clicks file -> (names, colours)."""
+    classes of the clicks file -> (names, colours). Names are sorted, as train.py sorts the classes
+    it finds in clicks, so keys, colours and the trained model agree from one session to the next."""
     if given and not given.endswith(".json"):
-        names = [n.strip() for n in given.split(",") if n.strip()]
+        names = sorted({n.strip() for n in given.split(",") if n.strip()})
         return names, layout.default_colours(len(names))
     if given:
         if not Path(given).is_file():
@@ -198,7 +199,7 @@ def get_args(argv=None):
     p.add_argument("dir", help="the folder of images (as train.py --data reads it)")
     p.add_argument("--points", required=True, help="the clicks file (CSV image,x,y,class): read at start, "
                    "written at each change")
-    p.add_argument("--classes", help="a classes.json, or class names: Water,Land,Road (default: "
+    p.add_argument("--classes", help="a classes.json, or class names: Water,Land,Road (sorted; default: "
                    "DIR/classes.json, else the classes of the clicks file)")
     p.add_argument("--ckpt", help="a checkpoint of train.py: its map (key m) and where to click next")
     p.add_argument("--suggest", type=int, default=10, help="suggested clicks per image, with --ckpt "

@@ -150,12 +150,13 @@ def suggest_clicks(margin, n, spacing=SPACING):
 
     margin: (H, W), the probability of the best class minus that of the second (inf: no data). Each
     cell of spacing x spacing pixels offers its least sure pixel; they are taken from the least sure
-    up, skipping any that lies closer than `spacing` to one already taken.
+    up, skipping any that lies closer than `spacing` to one already taken. Ties (bf16 logits often
+    give two classes the very same value, a margin of 0) are broken at random, not by position.
     """
     h, w = margin.shape
     gh, gw = math.ceil(h / spacing), math.ceil(w / spacing)
     padded = np.full((gh * spacing, gw * spacing), np.inf, np.float32)
-    padded[:h, :w] = margin
+    padded[:h, :w] = margin + np.random.default_rng(0).random((h, w), np.float32) * 1e-6
     cells = padded.reshape(gh, spacing, gw, spacing).transpose(0, 2, 1, 3).reshape(gh * gw, -1)
     where = cells.argmin(1)  # the least sure pixel of each cell
     best = cells[np.arange(len(cells)), where]

@@ -4,6 +4,7 @@ Fast (no network, tiny data written here); set AERIAL_DATA to a data set to add 
 """
 import copy
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -1213,7 +1214,7 @@ def request(url, body=None):
         return e.code, e.read()
 
 
-def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, capsys):
+def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_path, capsys):
     base, points, server = label_server
     state = json.loads(request(base + "/state")[1])
     assert [i["name"] for i in state["images"]] == ["square.jpg", "sub/wide.png"]
@@ -1258,6 +1259,8 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, capsy
     request(base + "/change", json.dumps({"image": "sub/wide.png", "x": 80, "y": 5}).encode())
     again = label.Labels(server.labels.root, points, None, None, 3)
     assert len(again.clicks) == 40 and ("sub/wide.png", 80, 5, "Road") not in again.clicks
+    named = label.Labels(server.labels.root, tmp_path / "new.csv", "Water, Land,Road", None, 3)
+    assert named.names == ["Land", "Road", "Water"] and named.clicks == []  # sorted, as train.py sorts them
 
 
 def test_label_server_with_a_checkpoint_gives_the_map_and_predict_py_suggestions(tiny, tiny_run, tmp_path):
@@ -1307,30 +1310,46 @@ def test_label_bad_input_is_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, c
 
 
 def chromium_missing():
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return True
-    return not Path("/usr/bin/chromium").exists()
+    return importlib.util.find_spec("playwright") is None or not Path("/usr/bin/chromium").exists()
 
 
-def click_on_the_page(base, shot=None):
-    """In headless Chromium: press 3, click the canvas twice at one place (add, then remove) and
-    report what the page computed -> dict: box, the client position clicked, toImage there, the point
-    nearest(), and the clicks file's rows after each click (read by `after`). With `shot`, a screenshot
-    with the map shown (key m) after the first click."""
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def open_label_page(p, base, image=0, size=(900, 700)):
+    """Headless Chromium on label.py's page at `base`, showing image number `image` -> the page."""
+    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS)
+    page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+    page.goto(base + "/")
+    page.wait_for_function("S && picture.complete && picture.naturalWidth")
+    for _ in range(image):
+        page.keyboard.press("n")
+    page.wait_for_function(f"cur === {image} && picture.complete && picture.naturalWidth")
+    return page
+
+
+def label_page_screenshot(base, path, image=0, size=(900, 700)):
+    """A screenshot of the page on image number `image`, with the model's map (key m) and its
+    suggestions when the server has a model."""
     from playwright.sync_api import sync_playwright
 
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p:
+        page = open_label_page(p, base, image, size)
+        if page.evaluate("S.model"):
+            page.keyboard.press("m")
+            page.wait_for_function("overlay !== null && suggestions.length > 0")
+        page.screenshot(path=path)
+
+
+def click_on_the_page(base):
+    """Press 3, click the canvas twice at one place (add, then remove) -> dict: box, the client
+    position clicked, toImage there, nearest() near and far from the point, the clicks after the add."""
+    from playwright.sync_api import sync_playwright
+
     seen = {}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
-        page = browser.new_page(viewport={"width": 900, "height": 700})
-        page.goto(base + "/")
-        page.wait_for_function("S && picture.complete && picture.naturalWidth")
-        page.keyboard.press("n")  # the second image: 90x60
-        page.wait_for_function("S && S.images[cur].width === 90 && picture.complete && picture.naturalWidth")
+        page = open_label_page(p, base, image=1)  # the second image: 90x60
         page.keyboard.press("3")
         box = page.locator("canvas").bounding_box()
         seen["box"], scale = box, box["width"] / 90  # CSS pixels per image pixel
@@ -1341,13 +1360,8 @@ def click_on_the_page(base, shot=None):
         page.wait_for_function("S.clicks.length === 1")
         seen["nearest"] = [page.evaluate(f"nearest(here(), {at[0] + d}, {at[1] - d})") for d in (2, 9)]
         seen["after add"] = page.evaluate("S.clicks")
-        if shot:
-            page.keyboard.press("m")
-            page.wait_for_timeout(2000)
-            page.screenshot(path=shot)
-        page.mouse.click(*seen["at"])
+        page.mouse.click(*at)
         page.wait_for_function("S.clicks.length === 0")
-        browser.close()
     return seen
 
 
@@ -1364,6 +1378,8 @@ def test_label_page_in_a_browser_clicks_the_right_pixel(label_server, tmp_path):
     assert seen["after add"] == [{"image": "sub/wide.png", "x": x, "y": y, "class": "Road"}]  # key 3: class 2
     assert seen["nearest"] == [seen["after add"][0], None]  # 4 CSS pixels from the point, and 11
     assert points.read_text() == "image,x,y,class\n"  # the second click removed it
+    label_page_screenshot(base, tmp_path / "page.png", image=1)  # as README's picture is taken
+    assert Image.open(tmp_path / "page.png").size == (900, 700)
 
 
 # ---------------------------------------------------------------------------- interrupted runs

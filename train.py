@@ -156,18 +156,20 @@ def epoch_line(epoch, args, loss, s, speed, seconds):
 
 
 class NonFiniteLoss(Exception):
-    pass
+    """A loss that is no number: where, and the indices of the images its batch came from."""
+
+    def __init__(self, where, images):
+        super().__init__(where)
+        self.images = images
 
 
 def finite_losses(pending, dataset, epoch):
-    """[(step, loss tensor, patch indices)] -> the losses as numbers; a non-finite one stops the run,
-    naming its step and the images its batch came from."""
+    """[(step, loss tensor, patch indices)] -> the losses as numbers; a non-finite one stops the run."""
     values = torch.stack([loss for _, loss, _ in pending]).tolist()  # one sync for them all
     for (step, _, index), v in zip(pending, values):
         if not math.isfinite(v):
-            images = ", ".join(sorted({dataset.names[dataset.items[i][0]] for i in index.tolist()}))
-            raise NonFiniteLoss(f"epoch {epoch + 1} step {step}: loss is {v}; the batch held patches of "
-                                f"{images}")
+            images = sorted({dataset.items[i][0] for i in index.tolist()})
+            raise NonFiniteLoss(f"epoch {epoch + 1} step {step}: loss is {v}", images)
     return values
 
 
@@ -185,18 +187,10 @@ def main(argv=None):
     d = layout.run_data(args, root)
     check_patch(args.patch, d["images"])
     labels, points = make_labels(args, d)
-    if rank == 0:  # the classes, the points, and what they look like on a whole image
-        layout.write_classes(out / "classes.json", d["classes"], d["colours"])
-        if points is not None:
-            clicks.write_points(out / "points.csv", points, d["names"])
-            maps.draw_points(d["images"][0], labels[0], d["colours"]).save(out / "points.jpg", quality=90)
+    if rank == 0:
+        write_labels(out, d, labels, points)
     dataset = data.PatchDataset(d["images"], labels, args.patch, augment=True, seed=args.seed)
-    dataset.names = d["names"]
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    cuda = device.type == "cuda"
-    # workers only on the GPU: on the CPU they would take cores from the model; they are started
-    # anew each epoch so they see the dataset's new epoch (its augmentation)
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=4 * cuda, pin_memory=cuda)
+    loader = make_loader(dataset, args, device, rank, world)
     n_labels = sum(int((lab != data.IGNORE).sum()) for lab in dataset.labels)
     n_dense = sum(dense for *_, dense in d["val"])
     print(f"data {root}: training on {len(d['images'])} images ({len(dataset)} patches, {n_labels} labelled "
@@ -238,7 +232,9 @@ def main(argv=None):
         print(f"\ninterrupted; last checkpoint: {last_checkpoint(out, history)}; continue with --resume")
         sys.exit(130)
     except NonFiniteLoss as e:
-        print(f"stopped: {e}; last good checkpoint: {last_checkpoint(out, history)}")
+        images = ", ".join(d["names"][i] for i in e.images)
+        print(f"stopped: {e}; the batch held patches of {images}; last good checkpoint: "
+              f"{last_checkpoint(out, history)}")
         sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
@@ -248,6 +244,23 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------- around the method
+
+
+def write_labels(out, d, labels, points):
+    """The classes of the run, the points it trains on, and what they look like on a whole image."""
+    layout.write_classes(out / "classes.json", d["classes"], d["colours"])
+    if points is not None:
+        clicks.write_points(out / "points.csv", points, d["names"])
+        maps.draw_points(d["images"][0], labels[0], d["colours"]).save(out / "points.jpg", quality=90)
+
+
+def make_loader(dataset, args, device, rank, world):
+    """Batches of patches, shuffled by (seed, epoch); under torchrun each process gets its share."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    cuda = device.type == "cuda"
+    # workers only on the GPU: on the CPU they would take cores from the model; they are started
+    # anew each epoch so they see the dataset's new epoch (its augmentation)
+    return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=4 * cuda, pin_memory=cuda)
 
 
 def choose_precision(args, ckpt, device, model, rank, world):
