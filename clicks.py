@@ -36,9 +36,9 @@ def classify(rows, class_names=None):
     empty = sum(r[4] == "" for r in rows)
     if empty:
         print(f"{empty} click(s) have no class yet (suggestions to fill in?) and are skipped")
-    rows = [r for r in rows if r[4] != ""]
-    if not rows:
+    if empty == len(rows):
         raise DataError(f"{rows[0][0]}: no click has a class yet (every class is left empty)")
+    rows = [r for r in rows if r[4] != ""]
     named = class_names is not None
     class_names = class_names or sorted({r[4] for r in rows})
     index = {n: i for i, n in enumerate(class_names)}

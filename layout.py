@@ -192,7 +192,8 @@ def run_data(args, root):
     dense mask or the held-out clicks as truth."""
     files = find_images(root)
     classes = read_classes(root, required=not args.point_labels)
-    has_mask = {n for n, p, _ in files if mask_path(p).exists()}
+    # a mask's colours mean something only through classes.json
+    has_mask = {n for n, p, _ in files if mask_path(p).exists()} if classes else set()
     by_image = {}
     if args.point_labels:
         info = {n: scene.image_info(p) for n, p, _ in files}

@@ -50,7 +50,7 @@ def sliding_window(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fals
                 logits = (dihedral_mean(model, batch) if tta else model(batch))[0].float()  # (C, wh, ww)
             acc[:, y : y + wh, x : x + ww] += logits * weight
             wsum[y : y + wh, x : x + ww] += weight
-    return acc[:, :h, :w] / wsum[:h, :w]
+    return acc[:, :h, :w].div_(wsum[:h, :w])  # in place: a scene's logits can be hundreds of megabytes
 
 
 def window_starts(size, window, overlap):

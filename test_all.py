@@ -1050,6 +1050,7 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     ("a CSV row with bad numbers", "clicks.csv:3: expected columns image,x,y,class with whole numbers"),
     ("a CSV row outside its image", r"clicks.csv:2: point \(40, 0\) is outside a.tif \(40x30\)"),
     ("a CSV row naming no image", "clicks.csv:2: unknown image 'b.tif'"),
+    ("every class left empty", "clicks.csv:2: no click has a class yet"),
 ])
 def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, case, message):
     root = tmp_path / "scenes"
@@ -1068,7 +1069,8 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, case, message)
         path = tmp_path / "clicks.csv"
         text = {"a CSV row with bad numbers": "image,x,y,class\na.tif,1,1,Water\na.tif,1.5,2,Water\n",
                 "a CSV row outside its image": "image,x,y,class\na.tif,40,0,Water\n",
-                "a CSV row naming no image": "image,x,y,class\nb.tif,1,1,Water\n"}[case]
+                "a CSV row naming no image": "image,x,y,class\nb.tif,1,1,Water\n",
+                "every class left empty": "image,x,y,class\na.tif,1,1,\n"}[case]
     if case == "a class not in classes.json":
         classes = json.dumps({"classes": [{"title": "Water", "color": "#0000FF"}]})
         (root / "classes.json").write_text(classes)
