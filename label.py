@@ -117,7 +117,7 @@ def encoded(picture, kind):
 def read_classes(given, root, rows):
     """--classes as a classes.json or as names 'Water,Land,...'; else ROOT/classes.json; else the
     classes of the clicks file -> (names, colours). Names are sorted, as train.py sorts the classes
-    it finds in clicks, so keys, colours and the trained model agree from one session to the next."""
+    it finds in clicks, so keys, colours and the trained model agree each time the page starts."""
     if given and not given.endswith(".json"):
         names = sorted({n.strip() for n in given.split(",") if n.strip()})
         return names, layout.default_colours(len(names))
