@@ -2,7 +2,7 @@
 
     python figures.py method --data ROOT --tile 7 --ckpt RUN/ckpt.pt --out docs/method.png
     python figures.py curve --out docs/curve.png "10 points=RUN_A RUN_B" "dense masks=RUN_C RUN_D" ...
-    python figures.py suggestions MAPS/NAME_overlay.jpg MAPS/suggestions.csv --out docs/suggestions.png
+    python figures.py suggestions MAPS/NAME_overlay.jpg MAPS/suggestions.csv --out docs/suggestions.jpg
     python figures.py label-page DIR --points clicks.csv --ckpt RUN/ckpt.pt --out docs/label_page.png
 """
 import argparse
@@ -110,14 +110,15 @@ def curve(args):
 
 
 def suggestions(args):
-    """predict.py's overlay with its suggested clicks ringed in their hint's colour."""
+    """predict.py's overlay with its suggested clicks ringed, 900 pixels wide."""
     picture = Image.open(args.overlay).convert("RGB")
-    draw = ImageDraw.Draw(picture)
+    draw, r = ImageDraw.Draw(picture), max(10, picture.width // 60)
     for row in csv.DictReader(open(args.csv)):
         if Path(row["image"]).stem in Path(args.overlay).stem:
-            x, y, r = int(row["x"]), int(row["y"]), 9
-            draw.ellipse([x - r, y - r, x + r, y + r], outline="white", width=3)
-    picture.save(args.out)
+            x, y = int(row["x"]), int(row["y"])
+            draw.ellipse([x - r, y - r, x + r, y + r], outline="black", width=r // 2)
+            draw.ellipse([x - r, y - r, x + r, y + r], outline="white", width=r // 4)
+    picture.resize((900, round(picture.height * 900 / picture.width)), Image.LANCZOS).save(args.out)
 
 
 def label_page(args):
