@@ -125,8 +125,9 @@ def validate(model, meta, val, dtype):
 
 
 def write_panel(path, model, meta, val, args, dtype):
-    """A validation patch: image | its labels drawn on it | prediction | truth. Dense masks: the
-    centre patch, with the points --points would draw there. Held-out clicks: around the first."""
+    """A validation patch: image | labels drawn on it | prediction | truth. Dense masks: the centre
+    patch, with the points --points would draw there (none in a run from clicks). Held-out clicks:
+    the patch around the first, with the clicks."""
     _, image, truth, dense = val
     h, w = truth.shape
     p = min(args.patch, h, w)
@@ -135,8 +136,10 @@ def write_panel(path, model, meta, val, args, dtype):
         ys, xs = np.nonzero(truth != data.IGNORE)
         y0, x0 = min(max(ys[0] - p // 2, 0), h - p), min(max(xs[0] - p // 2, 0), w - p)
     image, truth = image[y0 : y0 + p, x0 : x0 + p], truth[y0 : y0 + p, x0 : x0 + p]
-    labels = truth
-    if dense and args.points and not args.point_labels:
+    labels = truth  # the held-out clicks, or with --points 0 every pixel
+    if dense and args.point_labels:
+        labels = np.full_like(truth, data.IGNORE)
+    elif dense and args.points:
         labels = data.point_masks(data.sample_points([truth], p, args.points, args.seed)[0], [truth.shape])[0]
     pred = predict.predict_mask(model, image, dtype)
     colours = meta["colours"]
