@@ -86,22 +86,23 @@ def curve(args):
     lo, hi = 0.0, max(e["miou"] for _, runs in groups for r in runs for e in r) + 0.05
 
     def at(epoch, v):
-        return left + (epoch - 1) * (w - left - 180) / max(epochs - 1, 1), h - bottom - (v - lo) / (hi - lo) * (
-            h - bottom - 20)
+        x = left + (epoch - 1) * (w - left - 180) / max(epochs - 1, 1)
+        return x, h - bottom - (v - lo) / (hi - lo) * (h - bottom - 20)
 
     for v in np.arange(0, hi, 0.1):
         draw.line([at(1, v), at(epochs, v)], fill=(225, 225, 225))
         draw.text((left - 8, at(1, v)[1]), f"{v:.1f}", fill="black", font=FONT, anchor="rm")
     for e in range(1, epochs + 1, max(1, epochs // 10)):
         draw.text((at(e, lo)[0], h - bottom + 8), str(e), fill="black", font=FONT, anchor="ma")
-    draw.text((left + 200, h - 14), "epoch", fill="black", font=FONT, anchor="mm")
+    draw.text((at(epochs, lo)[0] + 16, h - bottom + 8), "epoch", fill="black", font=FONT, anchor="la")
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
     for k, (name, runs) in enumerate(groups):
         n = min(len(r) for r in runs)
         values = np.array([[e["miou"] for e in r[:n]] for r in runs])
         mean = values.mean(0)
-        band = [at(e + 1, v) for e, v in enumerate(values.max(0))] + [at(e + 1, v) for e, v in
-                                                                      reversed(list(enumerate(values.min(0))))]
+        top = [at(e + 1, v) for e, v in enumerate(values.max(0))]
+        bottom_edge = [at(e + 1, v) for e, v in enumerate(values.min(0))]
+        band = top + bottom_edge[::-1]
         draw.polygon(band, fill=tuple(255 - (255 - c) // 5 for c in colours[k]))
         draw.line([at(e + 1, v) for e, v in enumerate(mean)], fill=colours[k], width=3)
         draw.text((w - 170, 30 + 22 * k), f"{name}: {mean[-1]:.3f}", fill=colours[k], font=FONT)
@@ -126,7 +127,8 @@ def label_page(args):
     import label
     from test_all import label_page_screenshot
 
-    server = label.serve(label.get_args([args.dir, "--points", args.points, "--ckpt", args.ckpt, "--port", "0"]))
+    flags = [args.dir, "--points", args.points, "--ckpt", args.ckpt, "--port", "0"]
+    server = label.serve(label.get_args(flags))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     label_page_screenshot(f"http://127.0.0.1:{server.server_address[1]}", args.out, args.image, (1000, 760))
     server.shutdown()
