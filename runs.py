@@ -20,7 +20,7 @@ SYNTHETIC = HERE / "data" / "synthetic"
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
 SAME_ON_RESUME = ["data", "point_labels", "class_field", "points", "train_tiles", "val_tiles", "val_images",
                   "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha", "class_weights", "patch",
-                  "weights", "seed", "precision"]
+                  "weights", "seed", "precision", "ema"]
 
 
 def start_processes(device_name):
@@ -76,19 +76,25 @@ def find_data(args, rank, world):
     return SYNTHETIC
 
 
-def resume_state(ckpt, model, optimizer, out):
-    """-> (history, first epoch): the checkpoint's when resuming, else a fresh start."""
+def resume_state(ckpt, model, optimizer, out, ema=None):
+    """-> (history, first epoch): the checkpoint's when resuming, else a fresh start. With a moving
+    average of the weights, the checkpoint's "model" is the average and "trained" the weights."""
     if ckpt is None:
         return [], 0
-    model.load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["trained" if ema is not None else "model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     print(f"resuming {out} after epoch {ckpt['epoch']}")
     return ckpt["history"], ckpt["epoch"]
 
 
-def save_run(out, model, optimizer, meta, history, args):
-    """The checkpoint and metrics.json, each written whole or not at all."""
+def save_run(out, model, optimizer, meta, history, args, ema=None):
+    """The checkpoint and metrics.json, each written whole or not at all. "model" holds the weights
+    predict.py maps with: the moving average where there is one."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"]}
+    if ema is not None:
+        state.update(model=ema.state_dict(), trained=model.state_dict())
     save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps({"history": history}, indent=1))

@@ -308,6 +308,26 @@ def test_lr_schedule_is_a_half_cosine_and_batch_norm_averages_all_batches_then_o
     assert train.batch_norm_momentum(10_000, 500) == 1 / 100  # or the last 100 batches
 
 
+def test_moving_average_of_the_weights_is_the_weighted_sum_of_every_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema, decay = copy.deepcopy(model), 0.8
+    states = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for step in range(1, 6):  # new weights and batch-norm statistics, as after an optimizer step
+        for k, v in model.state_dict().items():
+            v.copy_(torch.randn_like(v.float()) if v.is_floating_point() else torch.tensor(step))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        train.update_ema(ema, model, decay)
+    n = len(states) - 1  # the closed form: decay^n of the start, (1 - decay) decay^(n - k) of step k
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            steps = sum((1 - decay) * decay ** (n - i) * states[i][k] for i in range(1, n + 1))
+            want = decay**n * states[0][k] + steps
+            assert torch.allclose(v, want, atol=1e-6), k
+        else:
+            assert v == n, k  # batches seen: counted, not averaged
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -1315,8 +1335,8 @@ def chromium_missing():
     return importlib.util.find_spec("playwright") is None or not Path("/usr/bin/chromium").exists()
 
 
-BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def open_label_page(p, base, image=0, size=(900, 700)):
@@ -1417,6 +1437,24 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path)
     assert [h["epoch"] for h in again] == [1, 2] and again[0]["loss"] == history[0]["loss"]
     train.main(args + ["--epochs", "3", "--resume"])
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
+
+
+def test_a_resumed_run_with_a_moving_average_restores_both_weights(tiny, tmp_path):
+    constant = ["--lr-schedule", "constant"]  # one epoch and two then follow the same lr
+    train.main(tiny_args(tiny, tmp_path / "whole", "--ema", "0.5", "--epochs", "2", *constant))
+    train.main(tiny_args(tiny, tmp_path / "resumed", "--ema", "0.5", *constant))
+    with pytest.raises(DataError, match="--resume: --ema 0.0 differs from the run's 0.5"):
+        train.main(tiny_args(tiny, tmp_path / "resumed", "--resume", "--epochs", "2", *constant))
+    train.main(tiny_args(tiny, tmp_path / "resumed", "--ema", "0.5", "--resume", "--epochs", "2", *constant))
+    whole, resumed = [torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("whole", "resumed")]
+    for weights in ("model", "trained"):  # the average predict.py maps with, and the trained weights
+        assert all(torch.equal(whole[weights][k], resumed[weights][k]) for k in whole[weights]), weights
+    assert not torch.equal(whole["model"]["head.weight"], whole["trained"]["head.weight"])
+    out = tmp_path / "scored"  # validation scored the average: predict.py's numbers from the checkpoint
+    predict.main(["--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--data", str(tiny), "--tiles", "3", "--out",
+                  str(out), "--precision", "fp32", "--device", "cpu"])
+    validated = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"][-1]
+    assert json.loads((out / "metrics.json").read_text())["iou"] == validated["iou"]
 
 
 def wait_for_epochs(run, n, proc, timeout=120):
