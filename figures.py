@@ -96,15 +96,14 @@ def curve(args):
         draw.text((at(e, lo)[0], h - bottom + 8), str(e), fill="black", font=FONT, anchor="ma")
     draw.text((at(epochs, lo)[0] + 16, h - bottom + 8), "epoch", fill="black", font=FONT, anchor="la")
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    for k, (name, runs) in enumerate(groups):
-        n = min(len(r) for r in runs)
-        values = np.array([[e["miou"] for e in r[:n]] for r in runs])
-        mean = values.mean(0)
-        top = [at(e + 1, v) for e, v in enumerate(values.max(0))]
-        bottom_edge = [at(e + 1, v) for e, v in enumerate(values.min(0))]
-        band = top + bottom_edge[::-1]
-        draw.polygon(band, fill=tuple(255 - (255 - c) // 5 for c in colours[k]))
-        draw.line([at(e + 1, v) for e, v in enumerate(mean)], fill=colours[k], width=3)
+    values = [np.array([[e["miou"] for e in r[: min(map(len, runs))]] for r in runs]) for _, runs in groups]
+    for k, v in enumerate(values):  # the ranges first, so that no range hides a line
+        top = [at(e + 1, m) for e, m in enumerate(v.max(0))]
+        bottom_edge = [at(e + 1, m) for e, m in enumerate(v.min(0))]
+        draw.polygon(top + bottom_edge[::-1], fill=tuple(255 - (255 - c) // 6 for c in colours[k]))
+    for k, ((name, _), v) in enumerate(zip(groups, values)):
+        mean = v.mean(0)
+        draw.line([at(e + 1, m) for e, m in enumerate(mean)], fill=colours[k], width=3)
         draw.text((w - 170, 30 + 22 * k), f"{name}: {mean[-1]:.3f}", fill=colours[k], font=FONT)
     draw.text((left, 4), "validation mIoU", fill="black", font=FONT)
     picture.save(args.out)
