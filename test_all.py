@@ -1439,6 +1439,16 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path)
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
 
 
+def test_the_moving_average_starts_from_the_first_step_not_the_random_init(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path / "run", "--ema", "0.999999"))  # 2 steps: about the first step's
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    torch.manual_seed(0)  # the init train.py draws for --seed 0
+    init = build_model(len(saved["classes"]), "none").state_dict()
+    first_step = saved["model"]["head.weight"]
+    assert (first_step - init["head.weight"]).abs().max() > 1e-4  # an init in the average would weigh ~1
+    assert (first_step - saved["trained"]["head.weight"]).abs().max() > 1e-4  # and the second step ~0
+
+
 def test_a_resumed_run_with_a_moving_average_restores_both_weights(tiny, tmp_path):
     constant = ["--lr-schedule", "constant"]  # one epoch and two then follow the same lr
     train.main(tiny_args(tiny, tmp_path / "whole", "--ema", "0.5", "--epochs", "2", *constant))

@@ -54,8 +54,8 @@ def train_epoch(model, loader, optimizer, device, dtype, args, epoch, class_weig
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if ema is not None:
-            update_ema(ema, model, args.ema)
+        if ema is not None:  # the first step copies the weights: the average leaves the random init out
+            update_ema(ema, model, args.ema if done > 0 else 0.0)
         pending.append((step, loss.detach(), index))  # read on the host only at progress lines: no sync
         seen += len(index)
         if step % max(10, steps // 5) == 0 or step == steps:  # about five progress lines an epoch
