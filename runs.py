@@ -81,9 +81,11 @@ def resume_state(ckpt, model, optimizer, out, ema=None):
     average of the weights, the checkpoint's "model" is the average and "trained" the weights."""
     if ckpt is None:
         return [], 0
-    if ema is not None:
+    if ema is None:
+        model.load_state_dict(ckpt["model"])
+    else:
         ema.load_state_dict(ckpt["model"])
-    model.load_state_dict(ckpt["trained" if ema is not None else "model"])
+        model.load_state_dict(ckpt["trained"])
     optimizer.load_state_dict(ckpt["optimizer"])
     print(f"resuming {out} after epoch {ckpt['epoch']}")
     return ckpt["history"], ckpt["epoch"]
@@ -92,9 +94,10 @@ def resume_state(ckpt, model, optimizer, out, ema=None):
 def save_run(out, model, optimizer, meta, history, args, ema=None):
     """The checkpoint and metrics.json, each written whole or not at all. "model" holds the weights
     predict.py maps with: the moving average where there is one."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"]}
+    shown = model if ema is None else ema
+    state = {"model": shown.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"]}
     if ema is not None:
-        state.update(model=ema.state_dict(), trained=model.state_dict())
+        state["trained"] = model.state_dict()
     save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps({"history": history}, indent=1))
