@@ -39,9 +39,11 @@ def start_processes(device_name):
     return device, dist.get_rank(), world
 
 
-def open_run_folder(args, world):
+def open_run_folder(args, world, defaults):
     """-> (run folder, the checkpoint to resume or None). A folder that holds a run is refused
-    without --resume or --overwrite; the folder is made and tried for writing before long work."""
+    without --resume or --overwrite; the folder is made and tried for writing before long work.
+    A setting that a checkpoint lacks (it was written before the flag existed) counts as the flag's
+    default, which does what that older code did."""
     out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
     args.out = str(out)
     ckpt = None
@@ -51,9 +53,9 @@ def open_run_folder(args, world):
         # read whole, on the CPU (load_state_dict moves it): the next save replaces the file
         _, ckpt = load_checkpoint(out / "ckpt.pt", mmap=False)
         for k in SAME_ON_RESUME:
-            if getattr(args, k) != ckpt["args"].get(k):
+            was = ckpt["args"].get(k, defaults[k])
+            if getattr(args, k) != was:
                 flag = "--" + k.replace("_", "-")
-                was = ckpt["args"].get(k)
                 raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
     elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
         raise DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")

@@ -1437,6 +1437,13 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path)
     assert [h["epoch"] for h in again] == [1, 2] and again[0]["loss"] == history[0]["loss"]
     train.main(args + ["--epochs", "3", "--resume"])
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
+    old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    del old["args"]["ema"]  # a run written before --ema existed: it ran without the average
+    torch.save(old, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(DataError, match="--resume: --ema 0.5 differs from the run's 0.0"):
+        train.main(args + ["--epochs", "4", "--resume", "--ema", "0.5"])
+    train.main(args + ["--epochs", "4", "--resume"])
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 4
 
 
 def test_the_moving_average_starts_from_the_first_step_not_the_random_init(tiny, tmp_path):

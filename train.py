@@ -199,7 +199,7 @@ def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
     device, rank, world = start_processes(args.device)
-    out, ckpt = open_run_folder(args, world)
+    out, ckpt = open_run_folder(args, world, vars(get_args([])))
 
     # data: the images, the labels they are trained on, and what validation scores against
     root = find_data(args, rank, world)
