@@ -259,7 +259,7 @@ def main(argv=None):
             print(f"skipped: {e}")
             failed.append(path)
             continue
-        areas += [(path, *row) for row in m["areas"]]
+        areas += [(path, *row, m["written"][0].name) for row in m["areas"]]  # and the mask it counts
         if args.suggest:
             name = path.as_posix()
             geos[name] = m["geo"]
@@ -270,7 +270,7 @@ def main(argv=None):
         print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s  -> {written}")
     if areas:
         with open(out / "areas.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares"), *areas])
+            csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *areas])
     if suggested:
         written = clicks.write_suggestions(out, suggested, meta["classes"], geos)
         print(f"{len(suggested)} suggested clicks -> {', '.join(map(str, written))} (fill in 'class')")

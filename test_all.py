@@ -670,6 +670,7 @@ def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "areas.csv")))
     assert [r["class"] for r in rows] == torch.load(tiny_run[1] / "ckpt.pt", weights_only=True)["classes"]
     assert sum(int(r["pixels"]) for r in rows) == 70 * 70  # the valid pixels
+    assert {r["mask"] for r in rows} == {"ortho_mask.tif"}  # the mask these pixels were counted on
     for r in rows:
         assert float(r["hectares"]) == pytest.approx(int(r["pixels"]) * 0.25 / 1e4, abs=1e-4)
         assert float(r["share"]) == pytest.approx(int(r["pixels"]) / 4900, abs=1e-4)
