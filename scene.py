@@ -1,57 +1,51 @@
-"""Reading what remote sensing produces, for train.py and predict.py alike: images of any size, bit
-depth and band count as 8-bit RGB, their no-data pixels, and their place on the map (GeoTIFF tags or
-a world file). TIFFs that Pillow refuses are decoded here.
+"""Reading what remote sensing produces, for train.py, predict.py and label.py alike: images of any size,
+bit depth and band count, as stored; which pixels hold no data (alpha, GDAL's no-data value and mask
+bands, non-finite values); sizes checked before anything is allocated; what a person is shown; each
+band's statistics. TIFFs that Pillow refuses or would cut down are decoded here; the map is georef.py's.
 """
+import io
 import math
+import os
+import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
+import georef
 from cli import DataError
 
-# the GeoTIFF tags that place a raster on the map: pixel size, tie point, or an affine transform;
-# the coordinate reference system is in the three GeoKey tags
-GEO_TAGS = [33550, 33922, 34264, 34735, 34736, 34737]
 NODATA = 42113  # GDAL's no-data value, as text
-WORLD_FILES = [".tfw", ".tifw", ".jgw", ".jpgw", ".pgw", ".pngw", ".wld"]  # beside an image: its world file
+# Pillow's guard against decompression bombs (179 MP) is lifted for the orthomosaics people map; this
+# one of ours takes its place, with the memory check of check_size
+MAX_MEGAPIXELS = float(os.environ.get("MAX_MEGAPIXELS", 2000))
+OWN = {1: "none", 5: "LZW", 8: "deflate", 32946: "deflate"}  # TIFF compressions decoded here
 
 
 # ---------------------------------------------------------------------------- reading
 
 
-def read_scene(path, bands=None):
-    """An image to map -> dict: rgb (H, W, 3) uint8; valid (H, W) bool or None (False where the
-    scene has no data: alpha 0 or GDAL's no-data value); note: what was done to the pixels; geo:
-    the georeferencing or None. `bands` (counted from 1) picks 1 or 3 of the file's bands."""
+def read_scene(path):
+    """An image -> dict: samples (H, W, bands) in the file's own type, without its alpha band and with
+    0 where a float is not finite; valid (H, W) bool, False where there is no data, or None where every
+    pixel has data; note: what was found, in words ('' for a plain photo); geo: georef.georeference."""
     path = Path(path)
-    # Pillow refuses images over 179 MP, a guard against decompression bombs from untrusted
-    # sources; an orthomosaic the user asked to map is often larger. Lifted for it alone.
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         tags = tiff_tags(path)
-        samples, valid, alpha = pixels_of(path, tags)
-    except (OSError, ValueError, SyntaxError, KeyError, zlib.error) as e:
+        samples, alpha = pixels_of(path, tags)
+        valid, notes = no_data(path, tags, samples, alpha)
+    except (OSError, ValueError, SyntaxError, KeyError, IndexError, struct.error, zlib.error) as e:
         raise DataError(f"{path}: cannot read image ({e})")
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-    notes, n = [], samples.shape[2]
-    if bands:
-        if max(bands) > n:
-            raise DataError(f"{path}: has {n} band(s), --bands asks for band {max(bands)}")
-        samples = samples[..., [b - 1 for b in bands]]
-        notes.append(f"bands {','.join(map(str, bands))} of {n}")
-    elif n > 3:
-        samples = samples[..., :3]
-        notes.append(f"{n} bands{' and alpha' if alpha else ''}: using 1,2,3 (others with --bands)")
-    if samples.dtype != np.uint8:
-        samples, note = stretch(samples, valid)
-        notes.append(note)
-    if samples.shape[2] < 3:  # one band (or two): shown as grey
-        samples = np.repeat(samples[..., :1], 3, axis=2)
-    geo = georeference(path, tags, samples.shape[1::-1])
-    return {"rgb": np.ascontiguousarray(samples), "valid": valid, "note": "; ".join(notes), "geo": geo}
+    samples = samples[..., :-1] if alpha else samples
+    h, w, n = samples.shape
+    if n != 3 or samples.dtype != np.uint8:
+        notes.insert(0, f"{n} band(s) of {samples.dtype}{' and alpha' if alpha else ''}")
+    return {"samples": samples, "valid": valid, "note": "; ".join(notes),
+            "geo": georef.georeference(path, tags, (w, h))}
 
 
 def image_info(path):
@@ -65,11 +59,142 @@ def image_info(path):
         else:
             with Image.open(path) as im:
                 size = im.size
-    except (OSError, ValueError, SyntaxError, KeyError) as e:
+    except (OSError, ValueError, SyntaxError, KeyError, struct.error) as e:
         raise DataError(f"{path}: cannot read image ({e})")
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-    return size, georeference(path, tags, size)
+    return size, georef.georeference(path, tags, size)
+
+
+def check_size(path, w, h, bands, itemsize):
+    """Refuse, before any allocation, a size past MAX_MEGAPIXELS, more pixels than the file's bytes can
+    hold, or a map that would not fit in the memory this machine has free: a damaged or hostile header
+    claims billions of pixels in a few bytes."""
+    if min(w, h, bands) < 1:
+        raise DataError(f"{path}: its header says {w}x{h} pixels of {bands} band(s): no pixels to read")
+    if w * h > MAX_MEGAPIXELS * 1e6:
+        raise DataError(f"{path}: {w}x{h} pixels ({w * h / 1e6:.0f} MP) is past the limit of {MAX_MEGAPIXELS:g} "
+                        f"MP, a guard against damaged files; to read it, set MAX_MEGAPIXELS={w * h // 10**6 + 1}")
+    stored, size = w * h * bands * itemsize, os.path.getsize(path)
+    if stored > 3000 * size:  # deflate packs 1032 bytes in one at best, LZW about 2700, JPEG far fewer
+        raise DataError(f"{path}: damaged or hostile header: {w}x{h} pixels of {bands} band(s) cannot come out of "
+                        f"{size} bytes")
+    need = w * h * (2 * bands * itemsize + 12)  # decoded twice (Pillow's copy), then the map's arrays
+    free = free_memory()
+    if free is not None and need > free:
+        raise DataError(f"{path}: {w}x{h} pixels of {bands} band(s) need about {need / 1e6:,.0f} MB of memory, "
+                        f"this machine has {free / 1e6:,.0f} MB free")
+
+
+def free_memory():
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def pixels_of(path, tags):
+    """-> (samples (H, W, bands) in the file's own type, whether the last band is alpha). TIFFs of the
+    compressions in OWN are read here sample by sample, whatever their bands, bits and photometric
+    interpretation; everything else (JPEG, PNG, JPEG-compressed or palette TIFFs) through Pillow."""
+    if tags and tags.get(259, 1) in OWN and tags.get(262) != 3 and tags.get(258, (8,))[0] in (8, 16, 32, 64):
+        extra = tags.get(338, ())  # what the bands after the colour ones are: 1 and 2 mean alpha
+        alpha = (extra if isinstance(extra, tuple) else (extra,))[-1:] in [(1,), (2,)]
+        return tiff_samples(path, tags), alpha
+    try:
+        im = Image.open(path)
+    except OSError as e:
+        if not tags:
+            raise
+        raise DataError(f"{path}: TIFF compression {tags.get(259, 1)}, {tags.get(277, 1)} band(s) of "
+                        f"{tags.get(258, (1,))[0]} bits: neither read here (uncompressed, deflate, LZW) nor by Pillow "
+                        f"({e}); convert it, e.g. gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
+    with im:
+        check_size(path, *im.size, len(im.getbands()), {"I": 4, "F": 4}.get(im.mode, 1 + im.mode.startswith("I;16")))
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L", "RGB", "RGBX", "RGBA", "LA"):
+            samples, alpha = np.asarray(im), im.mode in ("RGBA", "LA")
+        else:  # palette, CMYK, YCbCr, 1-bit...: Pillow's conversion
+            samples, alpha = np.asarray(im.convert("RGB")), False
+    return (samples[..., None] if samples.ndim == 2 else samples), alpha
+
+
+def no_data(path, tags, samples, alpha):
+    """-> (valid (H, W) bool or None when every pixel has data, notes). A pixel has no data where its
+    alpha is 0, where every band holds GDAL's no-data value (the tag, or .aux.xml's), where GDAL's mask
+    band (inside the TIFF, or a .msk beside it) is 0, or where a band is NaN or infinite. Non-finite
+    samples are set to 0."""
+    valid, counts = np.ones(samples.shape[:2], bool), {}
+
+    def drop(what, nodata):
+        counts[what] = int((nodata & valid).sum())
+        valid[nodata] = False
+
+    if alpha:
+        drop("alpha 0", samples[..., -1] == 0)
+    bands = samples[..., :-1] if alpha else samples
+    value = georef.aux_xml(path).get("nodata")
+    value = float(str(tags[NODATA]).strip("\x00 ")) if NODATA in tags else value
+    if value is not None and not math.isnan(value):
+        drop(f"no-data value {value:g}", (bands == value).all(-1))
+    for what, mask in gdal_masks(path, tags, samples.shape[:2]):
+        drop(what, mask == 0)
+    if bands.dtype.kind == "f":
+        finite = np.isfinite(bands)
+        if not finite.all():
+            drop("NaN or infinite", ~finite.all(-1))
+            bands[~finite] = 0  # the samples of a float TIFF are read here, into an array of our own
+    notes = [f"no data: {valid.size - int(valid.sum())} pixels (" +
+             ", ".join(f"{what} {n}" for what, n in counts.items()) + ")"] if not valid.all() else []
+    return (None if valid.all() else valid), notes
+
+
+def gdal_masks(path, tags, shape):
+    """GDAL's mask band -> [(where it was found, (H, W) mask: 0 for no data)]: an image of the TIFF
+    itself marked as a mask (NewSubfileType 4), usually 1-bit; the bits GDAL keeps after a JPEG's end;
+    the .msk file beside the image."""
+    found = []
+    if tags:
+        for k, ifd in enumerate(tiff_images(path, tags)):
+            if ifd.get(254, 0) & 4 and not ifd.get(254, 0) & 1 and (ifd[257], ifd[256]) == shape:
+                found.append(("internal mask", tiff_samples(path, ifd)[..., 0]))
+                break
+    if not tags:
+        appended = jpeg_mask(path, shape)
+        if appended is not None:
+            found.append(("mask after the JPEG", appended))
+    msk = georef.sidecar(path, ".msk", replace=False)
+    if msk is not None:
+        ifd = tiff_tags(msk)
+        if not ifd or (ifd[257], ifd[256]) != shape:
+            raise DataError(f"{msk}: not a mask of {path.name} (a TIFF of {shape[1]}x{shape[0]} pixels)")
+        found.append((".msk", tiff_samples(msk, ifd)[..., 0]))
+    return found
+
+
+def jpeg_mask(path, shape):
+    """GDAL's mask of a JPEG, kept after the image's end (FF D9): deflated bits, one a pixel, the first
+    pixel in the lowest bit, then 4 bytes giving where they start -> (H, W) 0 or 1, or None."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None
+        f.seek(-6, os.SEEK_END)
+        end = f.read(6)
+        start = struct.unpack("<I", end[2:])[0]
+        f.seek(max(start - 2, 0))
+        if f.read(3) != b"\xff\xd9\x78":  # the image's end, then a deflate stream
+            return None
+        f.seek(start)
+        bits = zlib.decompressobj().decompress(f.read(), math.ceil(shape[0] * shape[1] / 8))
+    if len(bits) * 8 < shape[0] * shape[1]:
+        raise DataError(f"{path}: damaged GDAL mask after the JPEG ({len(bits)} bytes)")
+    return np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")[: shape[0] * shape[1]].reshape(shape)
+
+
+# ---------------------------------------------------------------------------- TIFF
 
 
 def tiff_tags(path):
@@ -85,162 +210,144 @@ def tiff_tags(path):
     return tags
 
 
-def pixels_of(path, tags):
-    """-> (samples (H, W, bands) in the file's own type, valid or None, whether an alpha band was
-    taken off). Pillow decodes what it can without loss; TIFFs that it refuses or would cut down
-    to 8-bit RGB (more than 4 bands, or several bands of more than 8 bits) are read here."""
-    count, bits = tags.get(277, 1), tags.get(258, (8,))[0]
-    if count > 4 or (count > 1 and bits > 8):
-        samples = tiff_samples(path, tags)
-        extra = tags.get(338, ())  # what the bands after the colour ones are: 1 and 2 mean alpha
-        alpha = (extra if isinstance(extra, tuple) else (extra,))[-1:] in [(1,), (2,)]
-    else:
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L", "RGB", "RGBX", "RGBA", "LA"):
-                samples = np.asarray(im)
-                alpha = im.mode in ("RGBA", "LA")
-            else:  # palette, CMYK, YCbCr, 1-bit...: Pillow's conversion
-                samples, alpha = np.asarray(im.convert("RGB")), False
-        samples = samples[..., None] if samples.ndim == 2 else samples
-    valid = samples[..., -1] > 0 if alpha else None
-    samples = samples[..., :-1] if alpha else samples
-    if NODATA in tags:  # GDAL's no-data value: a pixel whose every band holds it
-        value = float(str(tags[NODATA]).strip("\x00 "))
-        nodata = (np.isnan(samples) if math.isnan(value) else samples == value).all(-1)
-        valid = ~nodata if valid is None else valid & ~nodata
-    return samples, valid, alpha
+def tiff_images(path, first):
+    """The images of a TIFF after its first (overviews, masks) -> their tags, in file order."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        head = head if head[2:4] in (b"+\0", b"\0+") else head[:8]
+        seen, ifd = set(), first
+        while ifd.next and ifd.next not in seen and len(seen) < 100:  # a loop of offsets would never end
+            seen.add(ifd.next)
+            nxt = TiffImagePlugin.ImageFileDirectory_v2(head)
+            f.seek(ifd.next)
+            nxt.load(f)
+            yield nxt
+            ifd = nxt
 
 
 def tiff_samples(path, tags):
-    """The samples of a TIFF as stored -> (H, W, bands): uncompressed or deflate, with or without
-    horizontal differencing, in strips or tiles, bands interleaved or in planes."""
+    """The samples of one TIFF image as stored -> (H, W, bands): uncompressed, deflate or LZW, without
+    or with a horizontal or floating-point predictor, in strips or tiles, bands interleaved or in
+    planes, 1 to 64 bits. Every block must be in the file and hold what the image size needs."""
     w, h = tags[256], tags[257]
-    bands, bits, kind = tags.get(277, 1), tags[258][0], {1: "u", 2: "i", 3: "f"}[tags.get(339, (1,))[0]]
+    bands, bits = tags.get(277, 1), tags.get(258, (1,))[0]
+    kind = {1: "u", 2: "i", 3: "f"}.get(tags.get(339, (1,))[0], "?")
     compression, predictor, planar = tags.get(259, 1), tags.get(317, 1), tags.get(284, 1)
-    if compression not in (1, 8, 32946) or predictor not in (1, 2) or bits not in (8, 16, 32, 64):
+    if compression not in OWN or predictor not in (1, 2, 3) or bits not in (1, 8, 16, 32, 64) or kind == "?":
         raise DataError(f"{path}: {bands} bands of {bits} bits, TIFF compression {compression}, predictor "
-                        f"{predictor}: read here uncompressed or deflated only (convert it, e.g. "
+                        f"{predictor}: read here uncompressed, deflate or LZW only (convert it, e.g. "
                         "gdal_translate -co COMPRESS=DEFLATE in.tif out.tif)")
+    check_size(path, w, h, bands, max(bits // 8, 1))
+    tiled = 322 in tags
+    bw, bh = (tags[322], tags[323]) if tiled else (w, min(tags.get(278, h), h))
+    offsets, counts = (tags[324], tags[325]) if tiled else (tags[273], tags[279])
+    s = bands if planar == 1 else 1  # samples per pixel in one block
+    across, per_plane = math.ceil(w / bw), math.ceil(w / bw) * math.ceil(h / bh)
+    if len(offsets) < per_plane * bands // s or len(counts) != len(offsets):
+        raise DataError(f"{path}: damaged TIFF: {len(offsets)} blocks of pixels, its size needs "
+                        f"{per_plane * bands // s}")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        dtype = np.dtype(kind + str(bits // 8)).newbyteorder("<" if f.read(2) == b"II" else ">")
-        tiled = 322 in tags
-        bw, bh = (tags[322], tags[323]) if tiled else (w, tags.get(278, h))
-        offsets, counts = (tags[324], tags[325]) if tiled else (tags[273], tags[279])
-        across, per_plane = math.ceil(w / bw), math.ceil(w / bw) * math.ceil(h / bh)
-        s = bands if planar == 1 else 1  # samples per pixel in one block
+        order = "<" if f.read(2) == b"II" else ">"
+        dtype = np.dtype(np.uint8 if bits == 1 else kind + str(bits // 8)).newbyteorder(order)
         out = np.empty((h, w, bands), dtype)
-        for k, (offset, count) in enumerate(zip(offsets, counts)):
-            f.seek(offset)
-            raw = f.read(count)
-            raw = zlib.decompress(raw) if compression != 1 else raw
-            plane, k = divmod(k, per_plane)
-            y0, x0 = k // across * bh, k % across * bw
-            rows = min(bh, h - y0) if not tiled else bh  # the last strip may be short
-            block = np.frombuffer(raw, dtype, rows * bw * s).reshape(rows, bw, s)
-            if predictor == 2:  # each sample was stored as its difference to the pixel on its left
-                block = np.cumsum(block, axis=1, dtype=dtype)
+        for k in range(per_plane * bands // s):
+            plane, block = divmod(k, per_plane)
+            y0, x0 = block // across * bh, block % across * bw
+            rows = bh if tiled else min(bh, h - y0)  # the last strip may be short
+            row_bytes = math.ceil(bw * s * bits / 8)
+            if offsets[k] + counts[k] > size:
+                raise DataError(f"{path}: damaged TIFF: block {k} lies past the end of the file")
+            f.seek(offsets[k])
+            raw = decompress(f.read(counts[k]), compression, rows * row_bytes, row_bytes)
+            if len(raw) < rows * row_bytes:
+                raise DataError(f"{path}: damaged TIFF: block {k} holds {len(raw)} bytes of {rows * row_bytes}")
+            block = unpredict(raw[: rows * row_bytes], predictor, dtype, rows, bw, s, bits)
             rows, cols = min(rows, h - y0), min(bw, w - x0)
             out[y0 : y0 + rows, x0 : x0 + cols, plane * s : plane * s + s] = block[:rows, :cols]
-    return out
+    return out.astype(out.dtype.newbyteorder("="), copy=False)  # torch takes this machine's byte order only
 
 
-def stretch(samples, valid, low=2, high=98):
-    """Each band to 0..255 between its low and high percentiles over the scene's valid pixels, as
-    GIS tools show 16-bit and float imagery -> (uint8 samples, what was done, in words)."""
-    step = max(1, int(math.sqrt(samples.shape[0] * samples.shape[1] / 1e6)))  # a million pixels suffice
-    sub = samples[::step, ::step].reshape(-1, samples.shape[2])
-    if valid is not None:
-        sub = sub[valid[::step, ::step].reshape(-1)]
+def decompress(raw, compression, need, width):
+    """A block's bytes as stored -> at most `need` bytes of samples (a deflate bomb stops there)."""
+    if OWN[compression] == "deflate":
+        return zlib.decompressobj().decompress(raw, need)
+    if OWN[compression] == "LZW":  # Pillow's libtiff decodes it, once wrapped as a TIFF of one 8-bit band
+        rows = math.ceil(need / width)
+        tags = [(256, width), (257, rows), (258, 8), (259, 5), (262, 1), (273, 122), (277, 1), (278, rows),
+                (279, len(raw))]  # 122 = the 8-byte header, then 2 + 9 x 12 + 4 bytes of tags
+        ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, 4, 1, v) for t, v in tags)
+        with Image.open(io.BytesIO(b"II*\0" + struct.pack("<I", 8) + ifd + bytes(4) + raw)) as im:
+            return im.tobytes()
+    return raw
+
+
+def unpredict(raw, predictor, dtype, rows, width, s, bits):
+    """Decoded bytes -> (rows, width, s) samples, the predictor undone: 2 stored each sample as its
+    difference to the one on its left; 3 (floating point) split each row's samples into byte planes,
+    most significant first, then took differences of neighbouring bytes."""
+    if bits == 1:  # 1-bit, each row padded to a whole byte
+        flat = np.unpackbits(np.frombuffer(raw, np.uint8).reshape(rows, -1), axis=1)[:, : width * s]
+        return flat.reshape(rows, width, s)
+    if predictor == 3:  # the byte differences run along each pixel's s samples, as libtiff writes them
+        planes = np.cumsum(np.frombuffer(raw, np.uint8).reshape(rows, -1, s), axis=1, dtype=np.uint8)
+        planes = planes.reshape(rows, dtype.itemsize, width * s).transpose(0, 2, 1)
+        return np.ascontiguousarray(planes).view(dtype.newbyteorder(">")).reshape(rows, width, s)
+    block = np.frombuffer(raw, dtype).reshape(rows, width, s)
+    return np.cumsum(block, axis=1, dtype=dtype) if predictor == 2 else block
+
+
+# ---------------------------------------------------------------------------- pictures and statistics
+
+
+def display(samples, valid, show=None, low=2, high=98):
+    """What a person is shown: three bands (`show`, counted from 1; by default 1,2,3, or band 1 as grey
+    where there are fewer) as 8-bit RGB; other than 8-bit, each stretched between its percentiles `low`
+    and `high` over the scene's valid pixels, as GIS tools show 16-bit and float imagery; no data black."""
     n = samples.shape[2]
-    lo, hi = np.percentile(sub, [low, high], axis=0) if len(sub) else (np.zeros(n), np.ones(n))
-    scale = 255 / np.maximum(hi - lo, 1e-12)
-    out = np.empty(samples.shape, np.uint8)
-    for y in range(0, len(samples), 256):  # in strips: a float copy of a whole scene could be gigabytes
-        out[y : y + 256] = np.clip((samples[y : y + 256] - lo) * scale, 0, 255).astype(np.uint8)
-    bits = f"{samples.dtype.itemsize * 8}-bit{' float' if samples.dtype.kind == 'f' else ''}"
-    ranges = ", ".join(f"{a:g}-{b:g}" for a, b in zip(lo, hi))
-    return out, f"{bits}: stretched per band between percentiles {low} and {high} ({ranges})"
-
-
-# ---------------------------------------------------------------------------- the map
-
-
-def georeference(path, tags, size):
-    """-> None, or dict: tags (GeoTIFF tag -> (type, value)), world (the six numbers of a world
-    file: x and y pixel size and rotation, then the map x, y of the top-left pixel's centre), prj
-    (a .prj file beside the image), pixel_m2 (a pixel's area in square metres, None if unknown)."""
-    tags = {k: (tags.tagtype[k], tags[k]) for k in GEO_TAGS if k in tags}
-    world = world_from_tags(tags)  # the file's own tags first, as GDAL does, then a world file beside it
-    if world is None:
-        beside = [path.with_suffix(s) for s in WORLD_FILES]
-        world = next((read_world_file(p) for p in beside if p.exists()), None)
-    if world is None:
-        return None
-    prj = path.with_suffix(".prj")
-    return {"tags": tags, "world": world, "prj": prj if prj.exists() else None,
-            "pixel_m2": pixel_area(world, geo_keys(tags), size)}
-
-
-def map_to_pixel(world, x, y):
-    """Map coordinates -> (column, row) in pixels, whole numbers at pixel centres (world file numbers:
-    x = a col + b row + c, y = d col + e row + f, with (c, f) the centre of the top-left pixel)."""
-    a, d, b, e, c, f = world
-    det = a * e - b * d
-    return (e * (x - c) - b * (y - f)) / det, (a * (y - f) - d * (x - c)) / det
-
-
-def pixel_to_map(world, col, row):
-    a, d, b, e, c, f = world
-    return a * col + b * row + c, d * col + e * row + f
-
-
-def epsg(geo):
-    """The EPSG code of a georeferenced scene's coordinate system (GeoTIFF keys), or None if unknown."""
-    keys = geo_keys(geo["tags"])
-    code = keys.get(3072) or keys.get(2048)  # projected, else geographic; 32767 means user-defined
-    return code if code and code != 32767 else None
-
-
-def read_world_file(path):
-    try:
-        numbers = [float(v) for v in path.read_text().split()]
-    except (OSError, ValueError):
-        raise DataError(f"{path}: not a world file (six numbers, one a line)")
-    if len(numbers) != 6:
-        raise DataError(f"{path}: not a world file (six numbers, one a line)")
-    return numbers
-
-
-def geo_keys(tags):
-    """GeoKeyDirectory -> {key: value} of its keys stored in the directory itself (the codes)."""
-    d = tags.get(34735, (None, ()))[1]
-    return {d[i]: d[i + 3] for i in range(4, 4 + 4 * d[3], 4) if d[i + 1] == 0} if len(d) >= 4 else {}
-
-
-def world_from_tags(tags):
-    """GeoTIFF's raster-to-map transform -> world file numbers (pixel centres), or None."""
-    if 34264 in tags:  # a 4x4 matrix, row by row: x = a i + b j + d, y = e i + f j + h
-        m = tags[34264][1]
-        a, b, d, e, f, h = m[0], m[1], m[3], m[4], m[5], m[7]
-    elif 33550 in tags and 33922 in tags:  # pixel (i0, j0) lies at (x0, y0); y grows upwards on the map
-        (sx, sy), (i0, j0, _, x0, y0) = tags[33550][1][:2], tags[33922][1][:5]
-        a, b, d, e, f, h = sx, 0.0, x0 - i0 * sx, 0.0, -sy, y0 + j0 * sy
+    show = show or ([1, 2, 3] if n >= 3 else [1, 1, 1])
+    if max(show) > n:
+        raise DataError(f"--show-bands {','.join(map(str, show))}: the scene has {n} band(s)")
+    picked = [b - 1 for b in (show * 3 if len(show) == 1 else show)]
+    if samples.dtype == np.uint8:
+        out = samples[..., picked]
     else:
-        return None
-    # raster coordinates name pixel corners (PixelIsArea, the default) or pixel centres (PixelIsPoint)
-    c = 0.5 if geo_keys(tags).get(1025, 1) == 1 else 0.0
-    return [a, e, b, f, a * c + b * c + d, e * c + f * c + h]
+        step = max(1, int(math.sqrt(samples.shape[0] * samples.shape[1] / 1e6)))  # a million pixels suffice
+        sub = samples[::step, ::step][..., picked].reshape(-1, 3)
+        if valid is not None:
+            sub = sub[valid[::step, ::step].reshape(-1)]
+        lo, hi = np.percentile(sub, [low, high], axis=0) if len(sub) else (np.zeros(3), np.ones(3))
+        scale = 255 / np.maximum(hi - lo, 1e-12)
+        out = np.empty(samples.shape[:2] + (3,), np.uint8)
+        for y in range(0, len(samples), 256):  # in strips: a float copy of a whole scene could be gigabytes
+            out[y : y + 256] = np.clip((samples[y : y + 256, :, picked] - lo) * scale, 0, 255).astype(np.uint8)
+    if valid is not None:
+        out = np.where(valid[..., None], out, np.uint8(0))
+    return np.ascontiguousarray(out)
 
 
-def pixel_area(world, keys, size):
-    """A pixel's area in m2: from a projected system in metres or feet, or from degrees at the
-    scene's latitude; None when the units are unknown (a world file alone does not say)."""
-    a, e, b, f, x, y = world
-    area = abs(a * f - b * e)
-    feet = {9002: 0.3048, 9003: 1200 / 3937}
-    if keys.get(1024) == 1 and keys.get(3076, 9001) in (9001, *feet):  # projected
-        return area * feet.get(keys.get(3076), 1.0) ** 2
-    if keys.get(1024) == 2:  # geographic, in degrees
-        lat = math.radians(y + f * size[1] / 2)
-        return area * (math.pi / 180 * 6371008.8) ** 2 * math.cos(lat)
-    return None
+def band_statistics(images, valids):
+    """Each band's mean and standard deviation over the valid pixels of all `images` (a million pixels
+    of each suffice), the data set's one scale for every scene -> {"mean": [...], "std": [...]}."""
+    total, squares, count = 0.0, 0.0, 0
+    for image, valid in zip(images, valids):
+        step = max(1, int(math.sqrt(image.shape[0] * image.shape[1] / 1e6)))
+        sub = image[::step, ::step].reshape(-1, image.shape[2]).astype(np.float64)
+        if valid is not None:
+            sub = sub[valid[::step, ::step].reshape(-1)]
+        total, squares, count = total + sub.sum(0), squares + (sub**2).sum(0), count + len(sub)
+    if count == 0:
+        raise DataError("the training images hold no pixel with data")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0))
+    return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}  # a constant band: no division by 0
+
+
+def fill_no_data(samples, valid, values):
+    """Write `values` (one per band: those the model's normalisation turns into 0) into the pixels with
+    no data, in place where it can: the network then sees no data as the data set's average, not as
+    black -> the samples."""
+    if valid is not None:
+        samples = samples if samples.flags.writeable else samples.copy()  # Pillow's pixels are read-only
+        samples[~valid] = np.asarray(values).round() if samples.dtype.kind in "ui" else values
+    return samples
