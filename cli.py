@@ -24,9 +24,11 @@ def command_line(main, argv=None):
 
 
 def check_writable(folder, flag):
-    """Make `folder` (and its parents) and write a file there, so that an output folder that cannot
-    be used is one line naming it, before any long work."""
+    """Write a file in `folder` (made with its parents for the try, and removed again if it was made),
+    so that an output folder that cannot be used is one line naming it, before any long work, and an
+    input refused later leaves nothing behind. The writers make the folder when they write."""
     folder = Path(folder)
+    made = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test_{os.getpid()}"
@@ -34,6 +36,12 @@ def check_writable(folder, flag):
         probe.unlink()
     except OSError as e:
         raise DataError(f"{flag} {folder}: cannot be written there ({e.strerror})")
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 def tile_list(text, default):
@@ -44,12 +52,14 @@ def tile_list(text, default):
         raise DataError(f"tiles {text!r}: expected tile numbers separated by commas, e.g. 1,2,3")
 
 
-def band_list(text):
-    """'4,3,2' -> [4, 3, 2]: the bands to use as red, green, blue (or one band, as grey)."""
+def band_list(text, flag="--bands", counts=None):
+    """'4,3,2' -> [4, 3, 2]: bands counted from 1, each once; `counts`: how many there may be (the
+    bands shown as red, green, blue: 1 or 3), else any number."""
     try:
         bands = [int(b) for b in text.split(",")]
     except ValueError:
         bands = []
-    if len(bands) not in (1, 3) or min(bands) < 1:
-        raise DataError(f"--bands {text}: expected 1 or 3 band numbers from 1, e.g. 4,3,2")
+    if not bands or min(bands) < 1 or len(set(bands)) < len(bands) or (counts and len(bands) not in counts):
+        many = " or ".join(map(str, counts)) if counts else "one or more different"
+        raise DataError(f"{flag} {text}: expected {many} band numbers from 1, separated by commas, e.g. 4,3,2")
     return bands

@@ -1,33 +1,45 @@
-"""Clicks as users make them, read and written: a CSV of pixels (image,x,y,class), or a GeoJSON
-FeatureCollection of points in the map coordinates of georeferenced images, as QGIS exports a point
-layer. Out: the points a run trained on, and suggested next clicks for a person to fill in.
+"""Clicks as users make them, read and written: a CSV of pixels (image,x,y,class) as the page or a
+spreadsheet writes it, a CSV of map coordinates (lon,lat,class), or a GeoJSON FeatureCollection of points
+in map coordinates, as QGIS exports a point layer; points in another coordinate system than the images'
+are moved onto them with pyproj. Out: the points a run trained on, suggested next clicks to fill in.
 """
 import csv
+import io
 import json
 import math
 import re
 from pathlib import Path, PurePosixPath
 
-import scene
+import georef
 from cli import DataError
 
 CLASS_FIELDS = ["class", "class_name", "label", "class_id"]  # where a click's class is looked for
+LONLAT = "EPSG:4326"  # GPS longitude and latitude on WGS 84, as RFC 7946 GeoJSON and lon,lat columns hold
 
 
-def read_clicks(paths, info, class_names=None, field=None):
+def read_clicks(paths, info, class_names=None, field=None, crs=None):
     """Click files -> ({image name: [(x, y, class index)]}, class names).
 
     info: {image name: ((width, height), georeferencing or None)} for every image of the data set.
     class_names: those of classes.json, or None to take the names found in the clicks, sorted. A
-    class is a name, or an index into classes.json. Clicks with an empty class are skipped.
+    class is a name, or an index into classes.json. Clicks with an empty class are skipped. crs: the
+    coordinate system of a CSV's x and y when they are map coordinates (--points-crs).
     """
     rows = []  # (where, image name, x, y, class as written)
     for path in map(Path, paths):
-        geojson = path.suffix.lower() in (".geojson", ".json")
-        rows += read_geojson(path, info, field) if geojson else read_csv(path, info, field)
+        rows += read_geojson(path, info, field) if is_json(path) else read_csv(path, info, field, crs)
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no click on an image of the data set")
     return classify(rows, class_names)
+
+
+def is_json(path):
+    """Whether a click file is JSON (GeoJSON), told by its first character, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
 
 
 def classify(rows, class_names=None):
@@ -62,27 +74,63 @@ def class_of(record, field, where):
     raise DataError(f"{where}: no class ({fields}{'' if field else '; --class-field names another'})")
 
 
-def read_csv(path, info, field=None):
-    """image,x,y,class with x, y in whole pixels from the top-left -> rows for read_clicks."""
+def read_table(path):
+    """A CSV as programs write it -> (rows as dicts with lower-case column names, its separator): UTF-8
+    with or without a byte-order mark (Excel's "CSV UTF-8"), or UTF-16 (Excel's "Unicode text"); commas,
+    semicolons (Excel in many languages, where the comma is the decimal mark) or tabs."""
     try:
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
-    find = image_finder(info)
-    rows = []
+        raise DataError(f"{path}: cannot read as text ({getattr(e, 'strerror', None) or e})")
+    header = text.split("\n", 1)[0]
+    sep = max([",", ";", "\t"], key=header.count)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
+    reader.fieldnames = [f.strip().lower() for f in reader.fieldnames or []]
+    return list(reader), sep
+
+
+def read_csv(path, info, field=None, crs=None):
+    """image,x,y,class with x, y in whole pixels from the top-left; or lon,lat,class (GPS), or x,y,class
+    in the map coordinates of `crs`, with no image column -> rows for read_clicks."""
+    records, sep = read_table(path)
+    columns, field = set(records[0]) if records else set(), field and field.lower()
+    if "image" not in columns and ({"lon", "lat"} <= columns or crs):
+        x, y = ("lon", "lat") if {"lon", "lat"} <= columns else ("x", "y")
+        points = [(f"{path}:{line}", number(r.get(x), sep), number(r.get(y), sep), r)
+                  for line, r in enumerate(records, start=2)]
+        points = [(where, px, py, class_of(r, field, where)) for where, px, py, r in points]
+        return place(points, info, LONLAT if x == "lon" else crs, path)
+    find, rows = image_finder(info), []
     for line, record in enumerate(records, start=2):
         where = f"{path}:{line}"
         try:
-            image, x, y = record["image"], int(record["x"]), int(record["y"])
+            image, x, y = record["image"], whole(record["x"]), whole(record["y"])
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{where}: expected columns image,x,y,class with whole numbers x and y")
+            raise DataError(f"{where}: expected columns image,x,y,class with whole numbers x and y (or lon,lat,class; "
+                            "or x,y,class with --points-crs)")
         name = find(image, where)
         (w, h), _ = info[name]
         if not (0 <= x < w and 0 <= y < h):
             raise DataError(f"{where}: point ({x}, {y}) is outside {name} ({w}x{h})")
         rows.append((where, name, x, y, class_of(record, field, where)))
     return rows
+
+
+def whole(text):
+    """'12' or '12.0' (a spreadsheet's number) -> 12; anything else is a ValueError."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def number(text, sep):
+    try:
+        value = float(text.replace(",", ".") if sep == ";" else text)  # 55,27: a decimal comma
+    except (AttributeError, ValueError):
+        value = math.nan
+    return value
 
 
 def image_finder(info):
@@ -95,7 +143,7 @@ def image_finder(info):
             suffixes.setdefault("/".join(parts[-k:]), []).append(name)
 
     def find(written, where):
-        parts = PurePosixPath(written.replace("\\", "/")).parts
+        parts = PurePosixPath(str(written).replace("\\", "/")).parts
         for k in range(len(parts), 0, -1):
             names = suffixes.get("/".join(parts[-k:]), [])
             if len(names) == 1:
@@ -110,29 +158,20 @@ def image_finder(info):
 
 
 def read_geojson(path, info, field=None):
-    """A FeatureCollection of Points (or MultiPoints) in map coordinates -> rows for read_clicks; each
-    point goes to the first image whose footprint holds it; points on no image are counted."""
+    """A FeatureCollection of Points (or MultiPoints) in map coordinates -> rows for read_clicks. Without
+    a crs member, the images' system, or RFC 7946's longitude and latitude where no point lies on an
+    image but all lie within +-180, +-90."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})")
-    except ValueError as e:  # not JSON, or not text
+    except (ValueError, RecursionError) as e:  # not JSON, not text, or nested past Python's stack
         raise DataError(f"{path}: not JSON ({e})")
     features = doc.get("features") if isinstance(doc, dict) else None
-    if doc.get("type") != "FeatureCollection" or not isinstance(features, list):
-        raise DataError(f"{path}: not a GeoJSON FeatureCollection")
-    code = crs_code(doc.get("crs"), path)
-    placed = [(n, size, geo["world"]) for n, (size, geo) in info.items()
-              if geo and (code is None or scene.epsg(geo) in (None, code))]
-    if not placed:
-        codes = sorted({scene.epsg(geo) for _, geo in info.values() if geo and scene.epsg(geo)})
-        if codes:
-            raise DataError(f"{path}: its crs is EPSG:{code}, the images' EPSG:{', '.join(map(str, codes))}: "
-                            "reproject the points (QGIS: Export > Save Features As > CRS); this project has "
-                            "no reprojection library")
-        raise DataError(f"{path}: points in map coordinates, but no image of the data set is georeferenced "
-                        "(GeoTIFF tags or a world file)")
-    rows, off = [], 0
+    if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(features, list):
+        top = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
+        raise DataError(f"{path}: not a GeoJSON FeatureCollection (its top level is {top})")
+    crs, points = crs_name(doc.get("crs"), path), []
     for k, feature in enumerate(features):
         where = f"{path}: feature {k}"
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
@@ -141,42 +180,104 @@ def read_geojson(path, info, field=None):
             raise DataError(f"{where}: {'a ' + str(kind) if kind else 'no geometry'}, not a Point")
         value = class_of(feature.get("properties") or {}, field, where)
         coords = geometry.get("coordinates")
-        for point in [coords] if kind == "Point" else coords or []:
+        for point in [coords] if kind == "Point" else coords if isinstance(coords, list) else [None]:
             try:
                 x, y = float(point[0]), float(point[1])
             except (TypeError, ValueError, IndexError):
                 raise DataError(f"{where}: coordinates {point!r} are not a pair of numbers")
-            hit = locate(placed, x, y)
-            if hit is None:
-                off += 1
-            else:
-                rows.append((where, *hit, value))
+            points.append((where, x, y, value))
+    if crs is None and points and not any(on_images(info, x, y) for _, x, y, _ in points) and \
+            all(abs(x) <= 180 and abs(y) <= 90 for _, x, y, _ in points):
+        print(f"{path}: no crs member, and its points lie on no image but within longitude and latitude: read "
+              "as RFC 7946 GeoJSON, longitude and latitude on WGS 84")
+        crs = LONLAT
+    return place(points, info, crs, path)
+
+
+def crs_name(crs, path):
+    """GeoJSON's crs member -> 'EPSG:NNNN', or None when there is none (the images' system is assumed)."""
+    if crs is None:
+        return None
+    props = crs.get("properties") if isinstance(crs, dict) else None
+    name = str(props.get("name", "")) if isinstance(props, dict) else ""
+    if name.endswith("CRS84"):  # longitude, latitude on WGS 84
+        return LONLAT
+    found = re.search(r"EPSG:(?:[\d.]*:)?(\d+)$", name)
+    if not found:
+        raise DataError(f"{path}: crs {name or crs!r} is not an EPSG code")
+    return f"EPSG:{found.group(1)}"
+
+
+def on_images(info, x, y):
+    return any(geo and locate([(n, size, geo["world"])], x, y) for n, (size, geo) in info.items())
+
+
+def place(points, info, crs, path):
+    """[(where, x, y, class)] in map coordinates of `crs` (None: the images' own) -> rows for read_clicks:
+    each point on the first image whose pixels hold it, moved into that image's system where it differs;
+    points on no image are counted in one line."""
+    georeferenced = {n: (size, geo) for n, (size, geo) in info.items() if geo}
+    if not georeferenced:
+        raise DataError(f"{path}: points in map coordinates, but no image of the data set is georeferenced "
+                        "(GeoTIFF tags, a world file or an .aux.xml)")
+    moved = {}  # image name -> its points in its own system
+    for name, (size, geo) in georeferenced.items():
+        xy = [(x, y) for _, x, y, _ in points]
+        if crs is not None and geo["crs"] is not None and crs != geo["crs"]:  # an image of unknown system
+            xy = transform(crs, geo["crs"], xy, path)  # (a world file alone) is taken to be in the points'
+        moved[name] = (size, geo["world"], xy)
+    rows, off = [], 0
+    for k, (where, x, y, value) in enumerate(points):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise DataError(f"{where}: coordinates ({x}, {y}) are not finite numbers")
+        hit = next((h for n, (size, world, xy) in moved.items() if (h := locate([(n, size, world)], *xy[k]))), None)
+        if hit is None:
+            off += 1
+        else:
+            rows.append((where, *hit, value))
     if off:
         print(f"{path}: {off} point(s) lie on no image and are skipped")
     return rows
 
 
-def crs_code(crs, path):
-    """GeoJSON's crs member -> EPSG code, or None when there is none (the images' system is assumed)."""
-    if crs is None:
-        return None
-    name = str(crs.get("properties", {}).get("name", "")) if isinstance(crs, dict) else ""
-    if name.endswith("CRS84"):  # longitude, latitude on WGS 84
-        return 4326
-    found = re.search(r"EPSG:(?:[\d.]*:)?(\d+)$", name)
-    if not found:
-        raise DataError(f"{path}: crs {name or crs!r} is not an EPSG code")
-    return int(found.group(1))
+def transform(source, target, xy, path):
+    """Points from one coordinate system to another, with pyproj, the field's library for it."""
+    try:
+        import pyproj
+    except ImportError:
+        raise DataError(f"{path}: its points are in {source}, the images in another system: moving them needs "
+                        "pyproj (pip install pyproj)")
+    try:
+        t = pyproj.Transformer.from_crs(source, target, always_xy=True)  # x = longitude or easting
+        xs, ys = t.transform([p[0] for p in xy], [p[1] for p in xy])
+    except pyproj.exceptions.ProjError as e:  # CRSError too
+        raise DataError(f"{path}: cannot move its points from {source} onto the images ({e})")
+    return list(zip(xs, ys))
 
 
 def locate(placed, x, y):
     """Map point -> (image name, column, row) of the first image whose pixels hold it, or None."""
     for name, (w, h), world in placed:
-        col, row = scene.map_to_pixel(world, x, y)
+        col, row = georef.map_to_pixel(world, x, y)
+        if not (math.isfinite(col) and math.isfinite(row)):
+            continue
         i, j = math.floor(col + 0.5), math.floor(row + 0.5)  # pixel i spans i - 0.5 .. i + 0.5
         if 0 <= i < w and 0 <= j < h:
             return name, i, j
     return None
+
+
+def filled_in(path):
+    """How many rows or features of a suggestions file have a class filled in (0 if there is no file)."""
+    if not Path(path).exists():
+        return 0
+    try:
+        if is_json(path):
+            features = json.loads(Path(path).read_text(encoding="utf-8-sig")).get("features", [])
+            return sum(bool(str((f.get("properties") or {}).get("class") or "").strip()) for f in features)
+        return sum(bool((r.get("class") or "").strip()) for r in read_table(path)[0])
+    except (ValueError, AttributeError, TypeError, DataError):
+        raise DataError(f"{path}: cannot be read to see whether a person has filled it in: move it away")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -205,14 +306,14 @@ def write_suggestions(folder, rows, class_names, geos):
     features = []
     for image, x, y, c, m in rows:
         if geos.get(image):
-            mx, my = scene.pixel_to_map(geos[image]["world"], x, y)
+            mx, my = georef.pixel_to_map(geos[image]["world"], x, y)
             properties = {"image": image, "x": x, "y": y, "class": "", "hint": class_names[c],
                           "margin": round(m, 4)}
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [mx, my]},
                              "properties": properties})
     if features:
         doc = {"type": "FeatureCollection", "features": features}
-        codes = {scene.epsg(g) for g in geos.values() if g} - {None}
+        codes = {georef.epsg(g) for g in geos.values() if g} - {None}
         if len(codes) == 1:
             doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes.pop()}"}}
         written.append(folder / "suggestions.geojson")

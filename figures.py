@@ -31,8 +31,8 @@ def method(args):
     """image -> its 100 points, every other pixel no label -> U-Net -> a class for every pixel; the
     loss is computed on the points only (green: right there, red: wrong)."""
     names, colours = layout.read_classes(args.data)
-    _, images, masks = layout.load_tiles(args.data, [args.tile], colours)
-    image, mask = images[0], masks[0]
+    images, _, masks = layout.read_images(layout.tile_files(args.data, [args.tile])[:1], colours)
+    image, mask = images[0], masks[0]  # an 8-bit RGB photo: the model takes it as it is
     y0, x0 = (mask.shape[0] - 256) // 2, (mask.shape[1] - 256) // 2
     image, mask = image[y0 : y0 + 256, x0 : x0 + 256], mask[y0 : y0 + 256, x0 : x0 + 256]
     labels = data.point_masks(data.sample_points([mask], 256, 100, seed=0)[0], [mask.shape])[0]

@@ -26,7 +26,7 @@ import maps
 import predict
 import scene
 from cli import DataError, check_writable, command_line
-from model import load_checkpoint
+from model import load_checkpoint, model_input
 from speed import fold_batch_norm, pick_dtype
 
 HERE = Path(__file__).parent
@@ -46,12 +46,12 @@ class Labels:
         by_image = clicks.classify(rows, self.names)[0] if rows else {}
         self.clicks = [(n, x, y, self.names[c]) for n, points in by_image.items() for x, y, c in points]
         self.lock, self.model_lock, self.cache = threading.Lock(), threading.Lock(), {}
-        self.model, self.bands = None, None
+        self.model, self.meta, self.show = None, None, None
         if ckpt:
             model, meta = load_checkpoint(ckpt)
             if meta["classes"] != self.names:
                 raise DataError(f"--ckpt {ckpt}: its classes ({', '.join(meta['classes'])}) are not these")
-            self.model, self.bands = fold_batch_norm(model), meta.get("bands")
+            self.model, self.meta, self.show = fold_batch_norm(model), meta, meta.get("show_bands")
             # the precision it trained in: the page shows what predict.py --precision of that maps
             self.dtype = pick_dtype(meta.get("precision", "auto"), torch.device("cpu"), model, train=False)
 
@@ -79,7 +79,8 @@ class Labels:
     def shown(self, i):
         """Image i as the page shows it: JPEG bytes, its longest side at most SHOWN."""
         if ("image", i) not in self.cache:
-            picture = Image.fromarray(layout.read_image(self.files[i][1], self.bands)[0])
+            s = scene.read_scene(self.files[i][1])
+            picture = Image.fromarray(scene.display(s["samples"], s["valid"], self.show))
             picture.thumbnail((SHOWN, SHOWN))
             self.cache = {("image", i): encoded(picture, "JPEG")}  # one image at a time: scenes can be large
         return self.cache[("image", i)]
@@ -88,8 +89,9 @@ class Labels:
         """The model's map of image i (PNG bytes, as the page shows it) and its suggested next clicks."""
         if ("map", i) not in self.cache:
             with self.model_lock:  # one map at a time: each takes every core
-                s = scene.read_scene(self.files[i][1], self.bands)
-                pred, margin = maps.map_in_bands(self.model, s["rgb"], self.dtype, margin=True)
+                s = scene.read_scene(self.files[i][1])
+                image, norm = model_input(s, self.meta)
+                pred, margin = maps.map_in_bands(self.model, image, self.dtype, margin=True, norm=norm)
             if s["valid"] is not None:
                 margin[~s["valid"]] = np.inf
             picture = maps.colourize(pred, self.colours)

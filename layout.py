@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import clicks
+import model
 import scene
 from cli import DataError, tile_list
 from data import IGNORE, point_masks
@@ -92,33 +93,63 @@ def mask_path(image_path):
 
 
 def read_image(path, bands=None):
-    """-> ((H, W, 3) uint8 as predict.py sees it: bands chosen, 16-bit and float stretched; (H, W) bool
-    of the pixels with data, or None)."""
-    s = scene.read_scene(path, bands)
+    """-> ((H, W, bands) samples as stored, only `bands` (counted from 1) when given; (H, W) bool of the
+    pixels with data, or None). What was found in the file is said in one line."""
+    s = scene.read_scene(path)
+    n = s["samples"].shape[2]
+    if bands and max(bands) > n:
+        raise DataError(f"{path}: has {n} band(s), --bands asks for band {max(bands)}")
     if s["note"]:
         print(f"{path}: {s['note']}")
-    return s["rgb"], s["valid"]
+    return (s["samples"][..., [b - 1 for b in bands]] if bands else s["samples"]), s["valid"]
 
 
 def read_mask(path, colours, shape):
-    """A colour mask -> ((H, W) uint8 class indices, IGNORE where the colour is in no class, number of
-    such pixels)."""
-    rgb = scene.read_scene(path)["rgb"].astype(np.int32)
-    if rgb.shape[:2] != shape:
-        raise DataError(f"{path}: mask is {rgb.shape[1]}x{rgb.shape[0]}, its image is {shape[1]}x{shape[0]}")
+    """A dense mask -> ((H, W) uint8 class indices, IGNORE where no class; the number of such pixels).
+    One colour per class of classes.json; or, one grey band whose values are all class indices (or 255,
+    no label), as LandCover.ai, LoveDA and mmsegmentation store them, unless they are all grey colours of
+    classes.json. A mask whose pixels mostly match no class (after its one background colour) is named."""
+    s = scene.read_scene(path)
+    samples, n = s["samples"], len(colours)
+    if samples.shape[:2] != shape:
+        raise DataError(f"{path}: mask is {samples.shape[1]}x{samples.shape[0]}, its image is {shape[1]}x{shape[0]}")
+    if samples.shape[2] == 1 and samples.dtype.kind == "u":
+        present = np.flatnonzero(np.bincount(samples.ravel()))
+        greys = {r for r, g, b in colours if r == g == b}
+        if not set(present.tolist()) <= greys and ((present < n) | (present == IGNORE)).all():
+            mask = samples[..., 0].astype(np.uint8)
+            if s["valid"] is not None:
+                mask[~s["valid"]] = IGNORE
+            return mask, int((mask == IGNORE).sum())
+    rgb = np.broadcast_to(samples, shape + (3,)) if samples.shape[2] == 1 else samples[..., :3]
+    rgb = rgb.astype(np.int32)
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # one int per colour
     mask = np.full(code.shape, IGNORE, np.uint8)
     for i, (r, g, b) in enumerate(colours):
         mask[code == (r << 16 | g << 8 | b)] = i
-    return mask, int((mask == IGNORE).sum())
+    if s["valid"] is not None:
+        mask[~s["valid"]] = IGNORE
+    unknown = mask == IGNORE
+    if unknown.any():  # a background of one colour (black, say) is fine; many colours in no class are not
+        _, counts = np.unique(code[unknown], return_counts=True)
+        share = 1 - (unknown.sum() - counts.max()) / mask.size
+        if share < 0.9:
+            print(f"warning: {path}: only {share:.0%} of the mask's pixels have a colour of classes.json or its "
+                  "background colour: a mask saved as JPEG, or drawn with another palette?")
+    return mask, int(unknown.sum())
 
 
 def read_images(files, colours=None, bands=None):
-    """[(name, path)] -> (images (H, W, 3) uint8, masks (H, W) uint8 with IGNORE where no class or no
-    data; None for every mask when `colours` is None). Masks are required when asked for."""
-    images, masks, unknown = [], [], 0  # unknown: mask pixels whose colour is in no class
+    """[(name, path)] -> (images (H, W, bands) as stored, valids ((H, W) bool or None), masks (H, W) uint8
+    with IGNORE where no class or no data, or None each when `colours` is None). Masks are required
+    when asked for, and every image must have the same number of bands."""
+    images, valids, masks, unknown = [], [], [], 0  # unknown: mask pixels whose colour is in no class
     for _, path in files:
         image, valid = read_image(path, bands)
+        if images and image.shape[2] != images[0].shape[2]:
+            raise DataError(f"{path}: has {image.shape[2]} band(s), {files[0][1]} {images[0].shape[2]}: choose the "
+                            "same bands of each with --bands")
+        mask = None
         if colours is not None:
             if not mask_path(path).exists():
                 raise DataError(f"{path}: has no mask (expected {mask_path(path)})")
@@ -127,20 +158,20 @@ def read_images(files, colours=None, bands=None):
             if valid is not None:
                 mask[~valid] = IGNORE
         images.append(image)
-        masks.append(mask if colours is not None else None)
+        valids.append(valid)
+        masks.append(mask)
     if unknown:
         print(f"{unknown} mask pixels have a colour in no class and are ignored")
-    return images, masks
+    return images, valids, masks
 
 
-def load_tiles(root, tiles, colours):
-    """The images and dense masks of the given tiles -> (names, images, masks)."""
+def tile_files(root, tiles):
+    """The images of the given tiles -> [(name, path)]."""
     available = list_tiles(root)
     for t in tiles:
         if t not in available:
             raise DataError(f"{root}: has no Tile {t} (tiles there: {', '.join(map(str, available))})")
-    files = [(p.relative_to(root).as_posix(), p) for t in tiles for p in available[t]]
-    return [n for n, _ in files], *read_images(files, colours)
+    return [(p.relative_to(root).as_posix(), p) for t in tiles for p in available[t]]
 
 
 # ---------------------------------------------------------------------------- what a run uses
@@ -187,9 +218,10 @@ def choose_split(args, root, files, labelled):
 
 
 def run_data(args, root):
-    """Everything a run reads -> dict: classes, colours; names, images, masks (dense, or None when
-    training from clicks), points (the clicks, or None); val: [(name, image, truth, dense)] with the
-    dense mask or the held-out clicks as truth."""
+    """Everything a run reads -> dict: classes, colours; names, images (no data filled in), valid, masks
+    (dense, or None when training from clicks), points (the clicks, or None); bands (counted from 1)
+    and norm, how the network is fed (model.input_norm); val: [(name, image, valid, truth, dense)] with
+    the dense mask or the held-out clicks as truth."""
     files = find_images(root)
     classes = read_classes(root, required=not args.point_labels)
     # a mask's colours mean something only through classes.json
@@ -198,7 +230,7 @@ def run_data(args, root):
     if args.point_labels:
         info = {n: scene.image_info(p) for n, p, _ in files}
         known = classes and classes[0]
-        by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field)
+        by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field, args.points_crs)
         classes = classes or (names, default_colours(len(names)))
     train, val = choose_split(args, root, files, set(by_image) | has_mask if args.point_labels else has_mask)
     if args.point_labels:  # training images without a click teach nothing
@@ -210,18 +242,28 @@ def run_data(args, root):
         raise DataError(f"{root}: no training image has clicks")
     names, colours = classes
     out = {"classes": names, "colours": colours, "names": [n for n, _ in train], "points": None, "val": []}
-    out["images"], out["masks"] = read_images(train, None if args.point_labels else colours, args.bands)
+    out["images"], out["valid"], out["masks"] = read_images(train, None if args.point_labels else colours,
+                                                            args.bands)
+    n = out["images"][0].shape[2]
+    out["bands"] = args.bands or list(range(1, n + 1))
+    out["norm"] = model.input_norm(out["images"], out["valid"])  # before no data is filled in
+    fill = model.no_data_value(out["norm"])
+    kind = np.result_type(*out["images"])  # one type for a batch (uint8 with uint16 tiles, say)
+    out["images"] = [scene.fill_no_data(im.astype(kind, copy=False), v, fill)
+                     for im, v in zip(out["images"], out["valid"])]
     if args.point_labels:
         out["points"] = [(i, x, y, c) for i, (n, _) in enumerate(train) for x, y, c in by_image[n]]
     val_dense = [(n, p) for n, p in val if n in has_mask]
     val_clicked = [(n, p) for n, p in val if n not in has_mask and n in by_image]
     for part, part_colours in [(val_dense, colours), (val_clicked, None)]:
-        images, masks = read_images(part, part_colours, args.bands)
-        for (n, _), image, mask in zip(part, images, masks):
+        images, valids, masks = read_images(part, part_colours, args.bands)
+        for (name, path), image, valid, mask in zip(part, images, valids, masks):
+            if image.shape[2] != n:
+                raise DataError(f"{path}: has {image.shape[2]} band(s), the training images {n}")
             dense = mask is not None
             if not dense:  # the held-out clicks, as a label map
-                mask = point_masks([(0, *p) for p in by_image[n]], [image.shape[:2]])[0]
-            out["val"].append((n, image, mask, dense))
+                mask = point_masks([(0, *p) for p in by_image[name]], [image.shape[:2]])[0]
+            out["val"].append((name, scene.fill_no_data(image, valid, fill), valid, mask, dense))
     if not out["val"]:
         print("no validation: no validation image has a mask or clicks (see --val-images, --val-tiles)")
     return out

@@ -11,13 +11,20 @@ import numpy as np
 import torch
 from PIL import Image, TiffImagePlugin
 
+import clicks
 import scene
+from cli import DataError, check_writable
 from data import IGNORE
+from model import model_input
 from predict import WINDOW, OVERLAP, ramp, sliding_window, window_starts
 
+# what predict.py writes in --out: a folder that holds any of these is not written over by chance
+OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
+           "*_overlay.jpg", "*_compare.png"]
 
-def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False):
-    """Yield the logits of an (H, W, 3) image in bands of rows, top to bottom: (C, rows, W) float32.
+
+def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False, norm="imagenet"):
+    """Yield the logits of an (H, W, bands) image in bands of rows, top to bottom: (C, rows, W) float32.
 
     predict.sliding_window over the whole image, computed one row of windows at a time, so that
     memory grows with the image's width, not its height: each row is blended with the next by the
@@ -26,14 +33,14 @@ def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fal
     h = image.shape[0]
     ys, wh = window_starts(h, window, overlap)
     if len(ys) == 1:  # one row of windows: the sliding window itself
-        yield sliding_window(model, image, dtype, window, overlap, tta)
+        yield sliding_window(model, image, dtype, window, overlap, tta, norm)
         return
     weight = ramp(wh, overlap, next(model.parameters()).device)  # (wh,)
     carry = None  # weighted logits and weights of the rows that the next row of windows covers too
     for k, y in enumerate(ys):
         strip = image[y : y + wh]
         strip = np.pad(strip, ((0, wh - len(strip)), (0, 0), (0, 0)), mode="symmetric")  # past the bottom
-        acc = sliding_window(model, strip, dtype, window, overlap, tta).mul_(weight[:, None])  # (C, wh, W)
+        acc = sliding_window(model, strip, dtype, window, overlap, tta, norm).mul_(weight[:, None])  # (C, wh, W)
         wsum = weight.clone()
         if carry is not None:
             acc[:, : len(carry[1])] += carry[0]
@@ -44,13 +51,13 @@ def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fal
         yield acc[:, :rows].div_(wsum[:rows, None])
 
 
-def map_in_bands(model, image, dtype, tta=False, margin=False, progress=False):
-    """(H, W, 3) uint8 -> ((H, W) uint8 class map, (H, W) float16 margin between the probabilities of
+def map_in_bands(model, image, dtype, tta=False, margin=False, progress=False, norm="imagenet"):
+    """(H, W, bands) image -> ((H, W) uint8 class map, (H, W) float16 margin between the probabilities of
     the two best classes, or None). With `progress`, a line after each band of a long scene."""
     h, w = image.shape[:2]
     pred, done, t0 = np.empty((h, w), np.uint8), 0, time.time()
     gap = np.empty((h, w), np.float16) if margin else None
-    for band in logits_in_bands(model, image, dtype, WINDOW, OVERLAP, tta):
+    for band in logits_in_bands(model, image, dtype, WINDOW, OVERLAP, tta, norm):
         rows = slice(done, done + band.shape[1])
         pred[rows] = band.max(0).indices.to(torch.uint8).cpu().numpy()  # the argmax, faster on a CPU
         if margin:
@@ -65,22 +72,42 @@ def map_in_bands(model, image, dtype, tta=False, margin=False, progress=False):
     return pred, gap
 
 
-def map_scene(model, meta, dtype, path, stem, bands, tta=False, margin=False):
-    """Map one scene and write its mask and overlay -> dict: pred, margin (or None), geo, areas (rows
-    of class_areas), written (paths)."""
-    s = scene.read_scene(path, bands)
+def map_scene(model, meta, dtype, path, stem, bands=None, show=None, tta=False, margin=False):
+    """Map one scene and write its mask and overlay (`show`: its bands as red, green, blue) -> dict:
+    pred, margin (or None), geo, areas (rows of class_areas), written (paths)."""
+    s = scene.read_scene(path)
     if s["note"]:
         print(f"{path}: {s['note']}")
-    pred, gap = map_in_bands(model, s["rgb"], dtype, tta, margin, progress=True)
+    try:
+        image, norm = model_input(s, meta, bands)
+    except DataError as e:
+        raise DataError(f"{path}: {e}")
+    pred, gap = map_in_bands(model, image, dtype, tta, margin, progress=True, norm=norm)
+    del image  # the samples stay for the picture
     if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
         pred[~s["valid"]] = IGNORE
         if gap is not None:
             gap[~s["valid"]] = np.inf
     geo = s["geo"]
     written = [write_mask(colourize(pred, meta["colours"]), stem, geo)]
-    written.append(write_overlay(s["rgb"], pred, meta["colours"], stem, geo))
-    areas = class_areas(pred, meta["classes"], geo and geo["pixel_m2"])
+    written.append(write_overlay(scene.display(s["samples"], s["valid"], show), pred, meta["colours"], stem, geo))
+    areas = class_areas(pred, meta["classes"], geo["pixel_m2"] if geo else None)
     return {"pred": pred, "margin": gap, "geo": geo, "areas": areas, "written": written}
+
+
+def check_out(out, overwrite, suggest):
+    """Refuse an --out that already holds maps, unless `overwrite`; refuse, whatever `overwrite` says, to
+    write suggestions over ones in which a person has filled in a class; then try the folder for writing."""
+    held = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
+    if held and not overwrite:
+        raise DataError(f"--out {out}: already holds maps ({', '.join(held[:3])}{', ...' * (len(held) > 3)}); "
+                        "--overwrite writes over them, or choose another folder")
+    for name in ("suggestions.csv", "suggestions.geojson") if suggest else ():
+        filled = clicks.filled_in(out / name)
+        if filled:
+            raise DataError(f"{out / name}: {filled} suggestion(s) have a class filled in, a person's work, which "
+                            "is never written over: move the file away or choose another --out")
+    check_writable(out, "--out")
 
 
 def write_mask(mask, stem, geo):
@@ -123,13 +150,21 @@ def write_overlay(rgb, pred, colours, stem, geo):
 
 
 def class_areas(pred, names, pixel_m2):
-    """-> rows (class, pixels, share of the scene's valid pixels, hectares or '')."""
-    # in strips: bincount works on a 64-bit copy of what it counts; IGNORE (no data) counts nowhere
-    counts = sum(np.bincount(pred[y : y + 256].ravel(), minlength=256) for y in range(0, len(pred), 256))
-    counts = counts[: len(names)]
+    """-> rows (class, pixels, share of the scene's valid pixels, hectares or ''). pixel_m2: a pixel's
+    area, one number, or one per row (degrees), or None when unknown."""
+    counts, m2 = np.zeros(len(names), np.int64), np.zeros(len(names))
+    for y in range(0, len(pred), 256):  # in strips: bincount works on a 64-bit copy of what it counts
+        strip = pred[y : y + 256].astype(np.int64)
+        rows = np.arange(len(strip))[:, None] * 256  # (row, class) counted at once; IGNORE counts nowhere
+        per_row = np.bincount((rows + strip).ravel(), minlength=256 * len(strip)).reshape(-1, 256)[:, : len(names)]
+        counts += per_row.sum(0)
+        if pixel_m2 is not None:
+            area = np.broadcast_to(np.asarray(pixel_m2, np.float64)[y : y + 256] if np.ndim(pixel_m2) else pixel_m2,
+                                   len(strip))
+            m2 += (per_row * area[:, None]).sum(0)
     total = max(int(counts.sum()), 1)
-    return [(n, int(c), f"{c / total:.4f}", f"{c * pixel_m2 / 1e4:.4f}" if pixel_m2 else "")
-            for n, c in zip(names, counts)]
+    return [(n, int(c), f"{c / total:.4f}", f"{a / 1e4:.4f}" if pixel_m2 is not None else "")
+            for n, c, a in zip(names, counts, m2)]
 
 
 def output_stems(paths):

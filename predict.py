@@ -20,9 +20,10 @@ import torch
 
 import clicks
 import layout
-from cli import DataError, band_list, check_writable, command_line, tile_list
+import scene
+from cli import DataError, band_list, command_line, tile_list
 from data import IGNORE
-from model import load_checkpoint, to_input
+from model import load_checkpoint, model_input, to_input
 from speed import fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
 
 WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
@@ -32,8 +33,9 @@ SPACING = 32  # suggested clicks are at least this many pixels apart
 
 
 @torch.no_grad()
-def sliding_window(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False):
-    """(H, W, 3) uint8 image -> (C, H, W) float32 logits, from overlapping windows blended by ramps."""
+def sliding_window(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False, norm="imagenet"):
+    """(H, W, bands) image -> (C, H, W) float32 logits, from overlapping windows blended by ramps. norm:
+    how the image's samples are normalised (model.to_input)."""
     device = next(model.parameters()).device
     h, w = image.shape[:2]
     ys, wh = window_starts(h, window, overlap)
@@ -45,7 +47,7 @@ def sliding_window(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fals
     wsum = torch.zeros(image.shape[:2], device=device)  # sum of weights
     for y in ys:
         for x in xs:
-            batch = to_input(torch.from_numpy(image[None, y : y + wh, x : x + ww].copy()).to(device))
+            batch = to_input(torch.from_numpy(image[None, y : y + wh, x : x + ww].copy()).to(device), norm)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = (dihedral_mean(model, batch) if tta else model(batch))[0].float()  # (C, wh, ww)
             acc[:, y : y + wh, x : x + ww] += logits * weight
@@ -69,7 +71,7 @@ def ramp(side, overlap, device):
 
 
 def dihedral_mean(model, x):
-    """Test-time augmentation: the mean of the logits of x (B, 3, H, W) over its 8 flips and quarter
+    """Test-time augmentation: the mean of the logits of x (B, bands, H, W) over its 8 flips and quarter
     turns, each turned back before it is added. 8 forward passes instead of one."""
     total = 0
     for k in range(4):
@@ -80,9 +82,9 @@ def dihedral_mean(model, x):
     return total / 8
 
 
-def predict_mask(model, image, dtype, window=WINDOW, tta=False):
-    """(H, W, 3) uint8 image -> (H, W) uint8 class map."""
-    logits = sliding_window(model, image, dtype, window, tta=tta)
+def predict_mask(model, image, dtype, window=WINDOW, tta=False, norm="imagenet"):
+    """(H, W, bands) image -> (H, W) uint8 class map."""
+    logits = sliding_window(model, image, dtype, window, tta=tta, norm=norm)
     return logits.max(0).indices.to(torch.uint8).cpu().numpy()  # max(0).indices: argmax, faster on a CPU
 
 
@@ -126,11 +128,11 @@ def click_scores(conf, names):
             "click_f1": per_class(2 * tp, mapped + true)}
 
 
-def evaluate(model, images, truths, dtype, num_classes, tta=False):
+def evaluate(model, images, truths, dtype, num_classes, tta=False, norm="imagenet"):
     """The confusion matrix of the maps of `images` against `truths` (dense masks or click maps)."""
     conf = 0
     for image, truth in zip(images, truths):
-        conf = conf + confusion(truth, predict_mask(model, image, dtype, tta=tta), num_classes)
+        conf = conf + confusion(truth, predict_mask(model, image, dtype, tta=tta, norm=norm), num_classes)
     return conf
 
 
@@ -186,7 +188,7 @@ def image_files(inputs):
     return list({f.resolve(): f for f in files}.values())
 
 
-def score_tiles(model, meta, args, dtype, out):
+def score_tiles(model, meta, args, dtype, out, bands, show):
     """--data: score the model on dense masks of --tiles -> metrics.json and a comparison per image."""
     import maps  # maps.py builds on this file's sliding window, so it is imported here, not at the top
     names, colours = layout.read_classes(args.data)
@@ -194,12 +196,18 @@ def score_tiles(model, meta, args, dtype, out):
         raise DataError(f"{args.data}/classes.json: its classes differ from those of {args.ckpt}")
     tiles = tile_list(args.tiles, list(layout.list_tiles(args.data))[-1:])
     conf = 0
-    for name, image, mask in zip(*layout.load_tiles(args.data, tiles, colours)):
+    for name, path in layout.tile_files(args.data, tiles):
         t0 = time.time()
-        pred = predict_mask(model, image, dtype, tta=args.tta)
+        s = scene.read_scene(path)
+        image, norm = model_input(s, meta, bands)
+        mask, _ = layout.read_mask(layout.mask_path(path), colours, image.shape[:2])
+        if s["valid"] is not None:
+            mask[~s["valid"]] = IGNORE
+        pred = predict_mask(model, image, dtype, tta=args.tta, norm=norm)
         conf = conf + confusion(mask, pred, len(names))
         stem = name.replace("/", "_").rsplit(".", 1)[0]
-        maps.compare(image, pred, mask, colours).save(out / f"{stem}_compare.png")
+        shown = scene.display(s["samples"], s["valid"], show)
+        maps.compare(shown, pred, mask, colours).save(out / f"{stem}_compare.png")
         print(f"{name}  {image.shape[1]}x{image.shape[0]}  {time.time() - t0:.1f}s")
     s = scores(conf, names)
     print(f"scores on tiles {','.join(map(str, tiles))} of {args.data}:")
@@ -224,8 +232,12 @@ def main(argv=None):
                    help="'auto' times both on this machine and takes the faster (default: %(default)s)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the 8 flips and quarter turns (8 times slower)")
-    p.add_argument("--bands", default="", help="bands to map as red,green,blue, counted from 1, e.g. 4,3,2 "
-                   "(default: those the model was trained on)")
+    p.add_argument("--bands", default="", help="the bands of these images to give the model, counted from 1, "
+                   "as many as it was trained on (default: the bands it was trained on)")
+    p.add_argument("--show-bands", default="", help="the bands shown as red,green,blue in the overlays, e.g. "
+                   "4,3,2 for false colour (default: the checkpoint's, else 1,2,3)")
+    p.add_argument("--overwrite", action="store_true", help="write over the maps already in --out (a "
+                   "suggestions file with classes filled in is never written over)")
     args = p.parse_args(argv)
     import maps  # maps.py builds on this file's sliding window, so it is imported here, not at the top
 
@@ -233,18 +245,21 @@ def main(argv=None):
         p.error("give images or folders to map, or --data (and --tiles) to score")
     if args.suggest < 0:
         raise DataError(f"--suggest {args.suggest}: must be 0 (none) or more")
+    bands = band_list(args.bands, "--bands") if args.bands else None
+    show = band_list(args.show_bands, "--show-bands", counts=(1, 3)) if args.show_bands else None
     keep_freed_memory()
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.ckpt, device)
     out = Path(args.out)
-    check_writable(out, "--out")  # after the quick checks, before the long work
+    maps.check_out(out, args.overwrite, args.suggest > 0)  # after the quick checks, before the long work
     model = fold_batch_norm(model)  # inference only: batch norm becomes part of each convolution
     dtype = pick_dtype(args.precision, device, model, train=False)
-    bands = band_list(args.bands) if args.bands else meta.get("bands")
+    show = show or meta.get("show_bands")
     legend = zip(meta["classes"], meta["colours"])
     print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in legend))
+    out.mkdir(parents=True, exist_ok=True)
     if args.data:
-        score_tiles(model, meta, args, dtype, out)
+        score_tiles(model, meta, args, dtype, out, bands, show)
 
     files = image_files(args.inputs)
     stems, note = maps.output_stems(files)
@@ -254,9 +269,9 @@ def main(argv=None):
     for path, stem in zip(files, stems):
         t0 = time.time()
         try:
-            m = maps.map_scene(model, meta, dtype, path, out / stem, bands, args.tta, margin=args.suggest > 0)
-        except DataError as e:
-            print(f"skipped: {e}")
+            m = maps.map_scene(model, meta, dtype, path, out / stem, bands, show, args.tta, args.suggest > 0)
+        except (DataError, MemoryError) as e:  # one line for this input; the others are still mapped
+            print(f"skipped: {e if isinstance(e, DataError) else f'{path}: not enough memory to map it'}")
             failed.append(path)
             continue
         areas += [(path, *row, m["written"][0].name) for row in m["areas"]]  # and the mask it counts

@@ -43,11 +43,15 @@ class DecoderBlock(nn.Module):
 
 
 class ResNetUNet(nn.Module):
-    """ResNet-34 encoder (torchvision's stage names kept) + five decoder stages + 3x3 head."""
+    """ResNet-34 encoder (torchvision's stage names kept) + five decoder stages + 3x3 head. The encoder
+    takes `in_channels` bands: 3 for RGB photos, N for a multispectral scene (its first convolution)."""
 
-    def __init__(self, num_classes):
+    def __init__(self, num_classes, in_channels=3):
         super().__init__()
         r = resnet34(weights=None)  # weights, if any, are loaded by model.py
+        if in_channels != 3:  # the same convolution and initialisation as torchvision's, for N bands
+            r.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(r.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.conv1, self.bn1, self.relu, self.maxpool = r.conv1, r.bn1, r.relu, r.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
         # (in, skip, out) per stage: the input is the stage before's output, the skip comes
@@ -60,7 +64,7 @@ class ResNetUNet(nn.Module):
         self.up5 = DecoderBlock(d[3], 0, d[4])  # 1/2  -> 1/1
         self.head = nn.Conv2d(d[4], num_classes, kernel_size=3, padding=1)
 
-    def forward(self, x):  # x: (B, 3, H, W), H and W >= 32
+    def forward(self, x):  # x: (B, bands, H, W), H and W >= 32
         x1 = self.relu(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
         x2 = self.layer1(self.maxpool(x1))  # (B, 64, H/4, W/4)
         x3 = self.layer2(x2)  # (B, 128, H/8, W/8)

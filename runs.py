@@ -2,6 +2,7 @@
 Nothing here is the method; train.py calls each piece in one line."""
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,9 +19,9 @@ HERE = Path(__file__).parent
 KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
 SYNTHETIC = HERE / "data" / "synthetic"
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
-SAME_ON_RESUME = ["data", "point_labels", "class_field", "points", "train_tiles", "val_tiles", "val_images",
-                  "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha", "class_weights", "patch",
-                  "weights", "seed", "precision", "ema"]
+SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "points", "train_tiles", "val_tiles",
+                  "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha", "class_weights",
+                  "patch", "weights", "seed", "precision", "ema"]
 
 
 def start_processes(device_name):
@@ -100,10 +101,17 @@ def save_run(out, model, optimizer, meta, history, args, ema=None):
     state = {"model": shown.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"]}
     if ema is not None:
         state["trained"] = model.state_dict()
-    save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"history": history}, indent=1))
-    tmp.replace(out / "metrics.json")
+    try:
+        save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps({"history": history}, indent=1))
+        tmp.replace(out / "metrics.json")
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save says so as a RuntimeError
+        (out / "metrics.json.tmp").unlink(missing_ok=True)
+        free = shutil.disk_usage(out).free / 1e6
+        raise DataError(f"{out}: cannot write the checkpoint of epoch {history[-1]['epoch']} ("
+                        f"{getattr(e, 'strerror', None) or 'write failed'}; {free:.0f} MB free on its disk); the last "
+                        f"whole checkpoint: {last_checkpoint(out, history[:-1])}")
 
 
 def last_checkpoint(out, history):

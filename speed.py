@@ -42,7 +42,8 @@ def bf16_possible(device):
 def time_network(model, device, dtype, train, size, reps=2):
     """Seconds of one forward pass (train=False) or forward + backward (train=True) of the
     network on one size x size patch: the best of `reps`, after one warm-up."""
-    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    bands = model.conv1.in_channels
+    x = torch.zeros(1, bands, size, size, device=device).contiguous(memory_format=torch.channels_last)
     times = []
     for _ in range(reps + 1):
         if device.type == "cuda":

@@ -24,6 +24,7 @@ import data
 import layout
 import maps
 import predict
+import scene
 from cli import DataError, band_list, command_line
 from loss import partial_focal_ce
 from model import build_model, to_input
@@ -32,9 +33,9 @@ from runs import start_processes
 from speed import fold_batch_norm, keep_freed_memory, pick_dtype
 
 
-def train_epoch(model, loader, optimizer, device, dtype, args, epoch, class_weights, ema=None):
-    """One pass over the patches -> (mean loss, patches per second). With `ema`, a moving average of
-    the weights follows each step."""
+def train_epoch(model, loader, optimizer, device, dtype, norm, args, epoch, class_weights, ema=None):
+    """One pass over the patches -> (mean loss, patches per second). norm: how the samples are
+    normalised (model.to_input). With `ema`, a moving average of the weights follows each step."""
     model.train()
     loader.sampler.set_epoch(epoch)  # the same order for the same seed and epoch, resumed or not
     loader.dataset.epoch = epoch  # and the same augmentation
@@ -46,7 +47,7 @@ def train_epoch(model, loader, optimizer, device, dtype, args, epoch, class_weig
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = batch_norm_momentum(done, steps)
-        x = to_input(images.to(device, non_blocking=True))  # (B, 3, P, P) normalised
+        x = to_input(images.to(device, non_blocking=True), norm)  # (B, bands, P, P) normalised
         y = labels.to(device, non_blocking=True)  # (B, P, P) class or IGNORE
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)  # (B, C, P, P)
@@ -129,9 +130,9 @@ def validate(model, meta, val, dtype):
     folded = fold_batch_norm(copy.deepcopy(model)).eval()
     s, n = {}, len(meta["classes"])
     for dense in (True, False):
-        part = [(image, truth) for _, image, truth, is_dense in val if is_dense == dense]
+        part = [(image, truth) for _, image, _, truth, is_dense in val if is_dense == dense]
         if part:
-            conf = predict.evaluate(folded, *zip(*part), dtype, n)
+            conf = predict.evaluate(folded, *zip(*part), dtype, n, norm=meta["norm"])
             score = predict.scores if dense else predict.click_scores
             s.update(score(conf, meta["classes"]))
     s.pop("confusion", None)
@@ -145,20 +146,21 @@ def write_panel(path, model, meta, val, args, dtype):
     """A validation patch: image | labels drawn on it | prediction | truth. Dense masks: the centre
     patch, with the points --points would draw there (none in a run from clicks). Held-out clicks:
     the patch around the first, with the clicks."""
-    _, image, truth, dense = val
+    _, image, valid, truth, dense = val
     h, w = truth.shape
     p = min(args.patch, h, w)
     y0, x0 = (h - p) // 2, (w - p) // 2  # the centre patch
     if not dense:
         ys, xs = np.nonzero(truth != data.IGNORE)
         y0, x0 = min(max(ys[0] - p // 2, 0), h - p), min(max(xs[0] - p // 2, 0), w - p)
-    image, truth = image[y0 : y0 + p, x0 : x0 + p], truth[y0 : y0 + p, x0 : x0 + p]
+    pred = predict.predict_mask(model, image[y0 : y0 + p, x0 : x0 + p], dtype, norm=meta["norm"])
+    image = scene.display(image, valid, meta["show_bands"])[y0 : y0 + p, x0 : x0 + p]  # what a person sees
+    truth = truth[y0 : y0 + p, x0 : x0 + p]
     labels = truth  # the held-out clicks, or with --points 0 every pixel
     if dense and args.point_labels:
         labels = np.full_like(truth, data.IGNORE)
     elif dense and args.points:
         labels = data.point_masks(data.sample_points([truth], p, args.points, args.seed)[0], [truth.shape])[0]
-    pred = predict.predict_mask(model, image, dtype)
     colours = meta["colours"]
     panels = [Image.fromarray(image), maps.draw_points(image, labels, colours), maps.colourize(pred, colours)]
     maps.side_by_side(panels + [maps.colourize(truth, colours)] if dense else panels).save(path)
@@ -207,38 +209,42 @@ def main(argv=None):
     d = layout.run_data(args, root)
     check_patch(args.patch, d["images"])
     labels, points = make_labels(args, d)
-    if rank == 0:
-        write_labels(out, d, labels, points)
     dataset = data.PatchDataset(d["images"], labels, args.patch, augment=True, seed=args.seed)
     loader = make_loader(dataset, args, device, rank, world)
     n_labels = sum(int((lab != data.IGNORE).sum()) for lab in dataset.labels)
     n_dense = sum(dense for *_, dense in d["val"])
     print(f"data {root}: training on {len(d['images'])} images ({len(dataset)} patches, {n_labels} labelled "
           f"pixels), validating on {n_dense} with masks and {len(d['val']) - n_dense} with held-out clicks")
+    check_labels(n_labels, args)
     class_weights = None
     if args.class_weights == "balanced":
         class_weights = balanced_weights(dataset.labels, len(d["classes"])).to(device)
         pairs = zip(d["classes"], class_weights.tolist())
         print("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in pairs))
 
-    # the model, the precision that is faster on this machine, the optimizer
+    # the model (its first layer takes the images' bands), the precision faster here, the optimizer
     torch.manual_seed(args.seed)
-    model = build_model(len(d["classes"]), args.weights).to(device, memory_format=torch.channels_last)
+    model = build_model(len(d["classes"]), args.weights, len(d["bands"]))
+    model = model.to(device, memory_format=torch.channels_last)
     dtype = choose_precision(args, ckpt, device, model, rank, world)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    meta = {"classes": d["classes"], "colours": d["colours"], "patch": args.patch, "bands": args.bands,
+    meta = {"classes": d["classes"], "colours": d["colours"], "patch": args.patch, "bands": d["bands"],
+            "norm": d["norm"], "dtype": str(d["images"][0].dtype), "show_bands": args.show_bands,
             "precision": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]}
     ema = copy.deepcopy(model) if args.ema else None  # with --ema, the weights validated and saved
     history, start = resume_state(ckpt, model, optimizer, out, ema)
     shown = model if ema is None else ema
     net = DistributedDataParallel(model) if world > 1 else model
+    if rank == 0:  # every input is checked: the run folder is written from here on
+        write_labels(out, d, labels, points, args.show_bands)
     print(f"device {device}, {str(dtype)[6:]}, {world} process(es); writing to {out}")
 
     # the loop: an epoch of training, then (rank 0) validation on whole images, checkpoint, panel
     try:
         for epoch in range(start, args.epochs):
             t0 = time.time()
-            loss, speed = train_epoch(net, loader, optimizer, device, dtype, args, epoch, class_weights, ema)
+            loss, speed = train_epoch(net, loader, optimizer, device, dtype, d["norm"], args, epoch, class_weights,
+                                      ema)
             if rank == 0:
                 t1 = time.time()
                 s, folded = validate(shown, meta, d["val"], dtype)
@@ -268,12 +274,21 @@ def main(argv=None):
 # ---------------------------------------------------------------------------- around the method
 
 
-def write_labels(out, d, labels, points):
+def write_labels(out, d, labels, points, show):
     """The classes of the run, the points it trains on, and what they look like on a whole image."""
+    out.mkdir(parents=True, exist_ok=True)
     layout.write_classes(out / "classes.json", d["classes"], d["colours"])
     if points is not None:
         clicks.write_points(out / "points.csv", points, d["names"])
-        maps.draw_points(d["images"][0], labels[0], d["colours"]).save(out / "points.jpg", quality=90)
+        picture = scene.display(d["images"][0], d["valid"][0], show)
+        maps.draw_points(picture, labels[0], d["colours"]).save(out / "points.jpg", quality=90)
+
+
+def check_labels(n_labels, args):
+    """A run with no labelled pixel would learn nothing and say "done": refused before anything is written."""
+    if n_labels == 0:
+        where = "its clicks" if args.point_labels else "its masks (do their colours or values match classes.json?)"
+        raise DataError(f"no training pixel has a label: nothing to learn from; see {where}")
 
 
 def make_loader(dataset, args, device, rank, world):
@@ -327,8 +342,12 @@ def get_args(argv=None):
     add("--val-tiles", default="", help="comma list of the tiles to validate on (default: the last)")
     add("--val-images", type=int, help="in a folder without tiles, how many labelled images, chosen by the "
         "seed, are held out whole for validation (default: a fifth, at least 1 of 2 or more)")
-    add("--bands", default="", help="bands to use as red,green,blue, counted from 1, e.g. 4,3,2 (default: "
-        "the first three)")
+    add("--bands", default="", help="the bands the network learns from, counted from 1, e.g. 1,2,3,4 (default: "
+        "all the images' bands)")
+    add("--show-bands", default="", help="the bands shown as red,green,blue in the run's pictures, e.g. 4,1,2 "
+        "for false colour; kept for predict.py and label.py (default: 1,2,3, or band 1 as grey)")
+    add("--points-crs", help="the coordinate system of a CSV's x,y map coordinates (no image column), e.g. "
+        "EPSG:32640; lon,lat columns are EPSG:4326 (needs pyproj)")
     add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
     add("--batch-size", type=int, default=8,
         help="patches per step, per process under torchrun (default: %(default)s)")
@@ -373,6 +392,7 @@ def get_args(argv=None):
         if not ok:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
     args.bands = band_list(args.bands) if args.bands else None
+    args.show_bands = band_list(args.show_bands, "--show-bands", counts=(1, 3)) if args.show_bands else None
     return args
 
 
