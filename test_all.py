@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -31,6 +32,7 @@ from PIL import Image, TiffImagePlugin
 
 import clicks
 import data
+import georef
 import label
 import layout
 import maps
@@ -94,6 +96,13 @@ def write_set(root, classes, images):
             (root / layout.mask_path(Path(rel))).parent.mkdir(parents=True, exist_ok=True)
             mask.save(root / layout.mask_path(Path(rel)))
     return root
+
+
+def tile_masks(root, tiles, colours):
+    """-> (names, images, masks) of the given tiles of a data set in the Kaggle layout."""
+    files = layout.tile_files(root, tiles)
+    images, _, masks = layout.read_images(files, colours)
+    return [n for n, _ in files], images, masks
 
 
 def classes_json(colours=COLOURS):
@@ -356,14 +365,15 @@ def test_reader_palette_masks_unknown_colours_and_missing_masks(tmp_path, capsys
     image = np.zeros((2, 4, 3), np.uint8)
     files = {"Tile 1/images/a.jpg": (image, pal), "Tile 2/images/b.png": (image, Image.fromarray(rgb))}
     root = write_set(tmp_path / "set", classes_json(), files)
-    names, images, masks = layout.load_tiles(root, [1, 2], COLOURS)
+    files = layout.tile_files(root, [1, 2])
+    images, valids, masks = layout.read_images(files, COLOURS)
     expected = np.where(truth == 9, data.IGNORE, truth)
-    assert names == ["Tile 1/images/a.jpg", "Tile 2/images/b.png"]
+    assert [n for n, _ in files] == ["Tile 1/images/a.jpg", "Tile 2/images/b.png"]
     assert np.array_equal(masks[0], expected) and np.array_equal(masks[1], expected)
     assert "2 mask pixels have a colour in no class" in capsys.readouterr().out
     Image.fromarray(image).save(root / "Tile 1" / "images" / "c.jpg")  # no mask
     with pytest.raises(DataError, match="c.jpg: has no mask"):
-        layout.load_tiles(root, [1], COLOURS)
+        layout.read_images(layout.tile_files(root, [1]), COLOURS)
 
 
 def test_augmentation_turns_labels_with_their_image_and_padding_has_no_label():
@@ -541,23 +551,24 @@ def test_tiffs_of_many_bands_and_16_bits_are_read_sample_by_sample(tmp_path, def
     rng = np.random.default_rng(0)
     five = rng.integers(0, 256, (37, 45, 5)).astype(np.uint8)
     write_tiff(tmp_path / "five.tif", five, deflate, tile, planar)
-    s = scene.read_scene(tmp_path / "five.tif", bands=[4, 3, 2])
-    assert np.array_equal(s["rgb"], five[..., [3, 2, 1]]) and s["note"] == "bands 4,3,2 of 5"
+    s = scene.read_scene(tmp_path / "five.tif")
+    assert np.array_equal(s["samples"], five) and s["note"] == "5 band(s) of uint8"  # every band, as stored
     assert s["valid"] is None and s["geo"] is None
-    first = scene.read_scene(tmp_path / "five.tif")
-    assert np.array_equal(first["rgb"], five[..., :3]) and "5 bands: using 1,2,3" in first["note"]
-    # 16 bits, three bands and an alpha: each band stretched on its own, alpha 0 is no data
+    assert np.array_equal(scene.display(s["samples"], None, [4, 3, 2]), five[..., [3, 2, 1]])
+    # 16 bits, three bands and an alpha: each band shown stretched on its own, alpha 0 is no data (black)
     deep = rng.integers(1000, 52000, (37, 45, 4)).astype(np.uint16)
     deep[..., 3] = np.where(rng.random((37, 45)) < 0.1, 0, 65535)
     write_tiff(tmp_path / "deep.tif", deep, deflate, tile, planar, extra=[2])
     s = scene.read_scene(tmp_path / "deep.tif")
-    assert np.array_equal(s["valid"], deep[..., 3] > 0)
-    ours = s["rgb"].astype(int)
+    assert np.array_equal(s["valid"], deep[..., 3] > 0) and np.array_equal(s["samples"], deep[..., :3])
+    ours = scene.display(s["samples"], s["valid"]).astype(int)
     for b in range(3):
         ref = deep[..., b].astype(np.float64)
         lo, hi = np.percentile(ref[s["valid"]], [2, 98])
-        assert np.abs(ours[..., b] - np.clip((ref - lo) * 255 / (hi - lo), 0, 255).astype(int)).max() <= 1
-    assert "16-bit: stretched per band between percentiles 2 and 98" in s["note"]
+        expected = np.where(s["valid"], np.clip((ref - lo) * 255 / (hi - lo), 0, 255).astype(int), 0)
+        assert np.abs(ours[..., b] - expected).max() <= 1
+    assert s["note"] == f"3 band(s) of uint16 and alpha; no data: {(deep[..., 3] == 0).sum()} pixels (alpha 0 " \
+        f"{(deep[..., 3] == 0).sum()})"
 
 
 def test_16_bit_single_band_is_stretched_and_unreadable_layouts_are_one_line(tmp_path):
@@ -565,19 +576,22 @@ def test_16_bit_single_band_is_stretched_and_unreadable_layouts_are_one_line(tmp
     Image.fromarray(values).save(tmp_path / "band.tif")  # what Pillow's conversion to RGB clips
     s = scene.read_scene(tmp_path / "band.tif")
     ref = stretched(values)
-    assert np.array_equal(s["rgb"], np.stack([ref] * 3, -1)) and s["note"].startswith("16-bit: stretched")
-    write_tiff(tmp_path / "lzw.tif", np.zeros((8, 8, 5), np.uint8))
-    raw = bytearray((tmp_path / "lzw.tif").read_bytes())
+    assert np.array_equal(scene.display(s["samples"], s["valid"]), np.stack([ref] * 3, -1))
+    assert s["note"] == "1 band(s) of uint16"
+    write_tiff(tmp_path / "zstd.tif", np.zeros((8, 8, 5), np.uint8))
+    raw = bytearray((tmp_path / "zstd.tif").read_bytes())
     i = raw.index(struct.pack("<HHI", 259, 3, 1))
-    raw[i + 8 : i + 10] = struct.pack("<H", 5)  # compression 5: LZW
-    (tmp_path / "lzw.tif").write_bytes(raw)
-    with pytest.raises(DataError, match="compression 5.*uncompressed or deflated only"):
-        scene.read_scene(tmp_path / "lzw.tif")
+    raw[i + 8 : i + 10] = struct.pack("<H", 50000)  # compression 50000: ZSTD, which neither reader knows
+    (tmp_path / "zstd.tif").write_bytes(raw)
+    with pytest.raises(DataError, match="compression 50000.*neither read here .uncompressed, deflate, LZW. nor"):
+        scene.read_scene(tmp_path / "zstd.tif")
     write_tiff(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8))
     with pytest.raises(DataError, match="has 5 band.s., --bands asks for band 7"):
-        scene.read_scene(tmp_path / "five.tif", bands=[7, 1, 2])
-    with pytest.raises(DataError, match="--bands 2,1: expected 1 or 3 band numbers"):
-        band_list("2,1")
+        layout.read_image(tmp_path / "five.tif", bands=[7, 1, 2])
+    assert band_list("2,1") == [2, 1] and band_list("1,2,3,4,5") == [1, 2, 3, 4, 5]
+    for text, counts in [("2,2", None), ("0,1", None), ("a", None), ("2,1", (1, 3))]:
+        with pytest.raises(DataError, match=f"--bands {text}: expected"):
+            band_list(text, counts=counts)
 
 
 def geotiff_tags(transform=None, point=False, tie=(0.0, 0.0, 500000.0, 2800000.0)):
@@ -606,14 +620,14 @@ def test_world_numbers_from_geotiff_tags():
 
     m = [0.3, 0.1, 0, 400000.0, -0.05, -0.3, 0, 3000000.0, 0, 0, 0, 0, 0, 0, 0, 1]
     for point in (False, True):
-        world = scene.world_from_tags(geotiff_tags(m, point))
+        world = georef.world_from_tags(geotiff_tags(m, point))
         assert world[:4] == [0.3, -0.05, 0.1, -0.3]
         assert world[4:] == pytest.approx(centre_of_top_left_pixel(m, corner=not point))
-    assert scene.world_from_tags(geotiff_tags()) == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
+    assert georef.world_from_tags(geotiff_tags()) == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
     # tie point at raster (2, 3): the top-left corner is 2 pixels left of and 3 above its map point
-    tied = scene.world_from_tags(geotiff_tags(tie=(2.0, 3.0, 500100.0, 2800200.0)))
+    tied = georef.world_from_tags(geotiff_tags(tie=(2.0, 3.0, 500100.0, 2800200.0)))
     assert tied == [0.5, 0.0, 0.0, -0.5, 500100 - 1.0 + 0.25, 2800200 + 1.5 - 0.25]
-    assert scene.world_from_tags(geotiff_tags(point=True))[4:] == [500000.0, 2800000.0]
+    assert georef.world_from_tags(geotiff_tags(point=True))[4:] == [500000.0, 2800000.0]
 
 
 def test_gdal_no_data_float_and_32_bit_bands(tmp_path, tiny_run):
@@ -630,7 +644,8 @@ def test_gdal_no_data_float_and_32_bit_bands(tmp_path, tiny_run):
             ref = values[5:, :, b].astype(np.float64)
             lo, hi = np.percentile(ref, [2, 98])
             expected = np.clip((values[..., b] - lo) * 255 / (hi - lo), 0, 255).astype(int)
-            assert np.abs(s["rgb"][5:, :, b].astype(int) - expected[5:]).max() <= 1
+            shown = scene.display(s["samples"], s["valid"])
+            assert np.abs(shown[5:, :, b].astype(int) - expected[5:]).max() <= 1 and not shown[:5].any()
     out = tmp_path / "out"
     assert predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "x.tif"), "--out", str(out),
                          "--device", "cpu", "--precision", "fp32"]) == 0
@@ -712,6 +727,175 @@ def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, 
     assert Image.open(tmp_path / "o" / "big_mask.png").size == (60, 200)
 
 
+# ---------------------------------------------------------------------------- files from the field
+
+FIXTURES = HERE / "tests" / "fixtures"  # written by GDAL (tests/fixtures/make.sh); what GDAL says: *.expected.json
+READABLE = sorted(p.name[: -len(".expected.json")] for p in FIXTURES.glob("*.expected.json")
+                  if json.loads(p.read_text()).get("gdal_opens") and not p.name.startswith("hostile"))
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_field_files_are_read_as_gdal_reads_them(name):
+    """Every layout GDAL wrote (masks inside a TIFF, after a JPEG, in a .msk; NaN and infinity; float64;
+    MinIsBlack; LZW with both predictors; tiles; bands in planes; upper-case sidecars): the valid pixels
+    and each band's mean over them, against GDAL's own reading."""
+    gdal = json.loads((FIXTURES / f"{name}.expected.json").read_text())
+    s = scene.read_scene(FIXTURES / name)
+    h, w, n = s["samples"].shape
+    assert (w, h, n) == (gdal["width"], gdal["height"], gdal["bands"])
+    assert np.isfinite(s["samples"]).all()  # no data never leaves a NaN for the network or the stretch
+    if n != 3 or s["samples"].dtype != np.uint8:  # every band count is said, two bands as much as thirteen
+        assert s["note"].startswith(f"{n} band(s) of {s['samples'].dtype}")
+    valid = np.ones((h, w), bool) if s["valid"] is None else s["valid"]
+    if name == "ORTHO_0001.JPG":  # its no-data value is in .JPG.AUX.XML, which GDAL on Linux does not see
+        assert np.array_equal(valid, (s["samples"] != 0).any(-1)) and "no-data value 0" in s["note"]
+        assert s["geo"]["world"] == [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]  # from .JGW
+        assert s["geo"]["pixel_m2"] == 0.0625 and "UTM_Zone_40N" in s["geo"]["crs"]  # metres, from .PRJ
+        return
+    for b, band in enumerate(gdal["band"]):
+        assert valid.sum() == band["valid_pixels"] - band["nan_pixels"] - band["inf_pixels"]
+        assert s["samples"][..., b][valid].astype(np.float64).mean() == pytest.approx(band["mean"], rel=1e-9)
+
+
+def test_nan_and_infinity_are_no_data_and_the_stretch_ignores_them():
+    s = scene.read_scene(FIXTURES / "float32_3band_nan_inf.tif")
+    assert s["note"] == "3 band(s) of float32; no data: 2 pixels (NaN or infinite 2)"
+    shown, valid = scene.display(s["samples"], s["valid"]), s["valid"]
+    assert (shown[~valid] == 0).all() and shown[valid].std() > 20  # no data black, the rest not
+    for b in range(3):  # each band stretched between percentiles of its finite samples
+        lo, hi = np.percentile(s["samples"][..., b][valid].astype(np.float64), [2, 98])
+        ref = np.clip((s["samples"][..., b][valid] - lo) * 255 / (hi - lo), 0, 255).astype(int)
+        assert np.abs(shown[..., b][valid].astype(int) - ref).max() <= 1
+
+
+def test_a_masked_orthophoto_maps_no_collar_and_counts_no_collar(tiny_run, tmp_path, capsys):
+    """The black collar GDAL marks with a mask band (inside a JPEG-YCbCr TIFF, or a .msk beside a
+    JPEG) is no class in the map and no hectares in areas.csv."""
+    names = ["rgb_jpeg_ycbcr_internal_mask.tif", "rgb_jpeg_external_mask.jpg", "rgb_jpeg_appended_mask.jpg"]
+    for name in names + ["rgb_jpeg_external_mask.jpg.msk"]:
+        (tmp_path / name).write_bytes((FIXTURES / name).read_bytes())
+    out = tmp_path / "maps"
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--out", str(out), "--precision", "fp32"]
+    assert predict.main(args + [str(tmp_path / n) for n in names]) == 0
+    rows = list(csv.DictReader(open(out / "areas.csv")))
+    for name in names:
+        gdal = json.loads((FIXTURES / f"{name}.expected.json").read_text())["valid_pixels"]
+        assert sum(int(r["pixels"]) for r in rows if r["image"].endswith(name)) == gdal == 960
+        mask = np.array(Image.open(out / f"{Path(name).stem}_mask.{'tif' if name.endswith('tif') else 'png'}"))
+        assert (mask == data.IGNORE).sum() == 32 * 48 - 960
+    said = capsys.readouterr().out
+    assert "no data: 576 pixels (internal mask 576)" in said and "(.msk 576)" in said
+    assert "(mask after the JPEG 576)" in said
+
+
+def test_sidecars_are_found_whatever_their_case(tiny_run, tmp_path):
+    for name in ["ORTHO_0001.JPG", "ORTHO_0001.JGW", "ORTHO_0001.PRJ"]:
+        (tmp_path / name).write_bytes((FIXTURES / name).read_bytes())
+    out = tmp_path / "maps"
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--out", str(out), "--precision", "fp32", "--suggest", "2"]
+    assert predict.main(args + [str(tmp_path / "ORTHO_0001.JPG")]) == 0
+    world = (out / "ORTHO_0001_mask.pgw").read_text().split()
+    assert [float(v) for v in world] == [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]
+    assert (out / "ORTHO_0001_mask.prj").read_text() == (FIXTURES / "ORTHO_0001.PRJ").read_text()
+    doc = json.loads((out / "suggestions.geojson").read_text())
+    assert len(doc["features"]) == 2
+    assert all(float(r["hectares"]) == pytest.approx(int(r["pixels"]) * 0.0625 / 1e4, abs=5e-5)  # 0.25 m pixels
+               for r in csv.DictReader(open(out / "areas.csv")))
+
+
+def test_damaged_or_hostile_headers_are_one_line_and_the_other_images_are_mapped(tiny_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bombs = {  # each header claims what its few bytes cannot hold
+        "bomb.png": b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(b"\0" * 40001)) + chunk(b"IEND", b""),
+        **{n: (FIXTURES / n).read_bytes() for n in ["hostile_65535_samples.tif", "hostile_100000x100000.tif",
+                                                   "hostile_5band_strips_cover_16_of_64_rows.tif"]}}
+    for name, raw in bombs.items():
+        (tmp_path / name).write_bytes(raw)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "good.png")
+    out = tmp_path / "maps"
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--out", str(out), "--precision", "fp32", str(tmp_path)]
+    assert predict.main(args) == 1
+    said = capsys.readouterr().out.splitlines()
+    for name in bombs:
+        assert sum(line.startswith(f"skipped: {tmp_path / name}: ") for line in said) == 1
+    assert "damaged TIFF: 1 blocks of pixels, its size needs 4" in "\n".join(said)  # never uninitialised memory
+    assert "bomb.png: damaged or hostile header: 40000x40000 pixels of 1 band(s) cannot come out of" in "\n".join(said)
+    assert (out / "good_mask.png").exists() and len(list(out.glob("*_mask.png"))) == 1
+    monkeypatch.setattr(scene, "MAX_MEGAPIXELS", 0.001)  # our own guard says how to raise it
+    with pytest.raises(DataError, match=r"50x40 pixels .* past the limit of 0.001 MP.*MAX_MEGAPIXELS=1"):
+        scene.read_scene(tmp_path / "good.png")
+    monkeypatch.setattr(scene, "free_memory", lambda: 10**5)  # and refuses what the memory cannot hold
+    monkeypatch.setattr(scene, "MAX_MEGAPIXELS", 2000)
+    with pytest.raises(DataError, match="64x64 pixels of 4 band.s. need about 0 MB of memory, this machine has 0 MB"):
+        scene.read_scene(FIXTURES / "multispectral_uint16_utm40n.tif")
+
+
+def test_index_masks_and_masks_that_match_no_class(tmp_path, capsys):
+    classes = json.loads((FIXTURES / "classes.json").read_text())
+    colours = [layout.hex_to_rgb(c["color"]) for c in classes["classes"]]
+    index = np.array(Image.open(FIXTURES / "scene_index_mask.png"))
+    mask, unknown = layout.read_mask(FIXTURES / "scene_index_mask.png", colours, index.shape)
+    assert np.array_equal(mask, index) and unknown == 0 and index.max() == 4  # LandCover.ai's layout
+    grey = [(0, 0, 0), (255, 255, 255)]  # a black and white mask of classes.json colours stays colours
+    Image.fromarray(np.where(index > 2, 255, 0).astype(np.uint8)).save(tmp_path / "bw.png")
+    assert np.array_equal(layout.read_mask(tmp_path / "bw.png", grey, index.shape)[0], (index > 2))
+    capsys.readouterr()
+    mask, unknown = layout.read_mask(FIXTURES / "scene_colour_mask_via_jpeg.png", colours, index.shape)
+    said = capsys.readouterr().out
+    assert "scene_colour_mask_via_jpeg.png: only 1% of the mask's pixels have a colour of classes.json" in said
+    assert "saved as JPEG" in said and unknown > 0.9 * mask.size
+
+
+def test_a_run_with_no_label_is_refused_and_writes_nothing(tiny, tmp_path):
+    root = tmp_path / "set"
+    shutil.copytree(tiny, root)
+    for mask in root.glob("Tile */masks/*.png"):  # the masks of another palette: no pixel matches
+        Image.fromarray(255 - np.array(Image.open(mask).convert("RGB"))).save(mask)
+    out = tmp_path / "run"
+    result = run_script("train.py", *tiny_args(root, out))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no training pixel has a label")
+
+
+def test_click_files_as_spreadsheets_and_other_programs_write_them(tmp_path):
+    info = {n: scene.image_info(FIXTURES / n) for n in ["scene_rgb.png", "ORTHO_0001.JPG",
+                                                          "multispectral_uint16_utm40n.tif"]}
+    expected = json.loads((FIXTURES / "clicks.expected.json").read_text())
+    names = expected["classes"]
+    rows = [(Path(i.replace("\\", "/")).name, x, y, names.index(c)) for i, x, y, c in expected["csv_rows"]]
+    for name in ["clicks_excel_utf8.csv", "clicks_excel_semicolon.csv"]:  # a BOM, CRLF; semicolons
+        by_image, _ = clicks.read_clicks([FIXTURES / name], info, names)
+        assert sorted((n, *p) for n, points in by_image.items() for p in points) == sorted(rows)
+    utf16 = tmp_path / "unicode.txt"  # Excel's "Unicode text": UTF-16, tabs
+    utf16.write_text("image\tx\ty\tclass\nscene_rgb.png\t5\t7\tWater\n", encoding="utf-16")
+    assert clicks.read_clicks([utf16], info, names)[0] == {"scene_rgb.png": [(5, 7, 0)]}
+    for name in ["clicks_label_studio.json", "clicks_empty_list.json"]:
+        with pytest.raises(DataError, match=f"{name}: not a GeoJSON FeatureCollection .its top level is a list"):
+            clicks.read_clicks([FIXTURES / name], info, names)
+    for name, what in [("clicks_nan.geojson", "nan"), ("clicks_infinity.geojson", "inf")]:
+        with pytest.raises(DataError, match=rf"{name}: feature \d: coordinates .*{what}.* are not finite"):
+            clicks.read_clicks([FIXTURES / name], info, names)
+    with pytest.raises(DataError, match="clicks_crs_null_properties.geojson: crs .* is not an EPSG code"):
+        clicks.read_clicks([FIXTURES / "clicks_crs_null_properties.geojson"], info, names)
+
+
+def test_areas_on_a_geographic_grid_sum_to_the_earth(tiny_run, tmp_path):
+    (tmp_path / "globe.tif").write_bytes((FIXTURES / "globe_4326_10deg.tif").read_bytes())
+    out = tmp_path / "maps"
+    assert predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "globe.tif"), "--out", str(out),
+                         "--precision", "fp32"]) == 0
+    hectares = sum(float(r["hectares"]) for r in csv.DictReader(open(out / "areas.csv")))
+    sphere = 4 * math.pi * 6371008.8**2 / 1e4
+    assert hectares == pytest.approx(sphere, rel=1e-6)  # each row at its own latitude (one area for all gave 8.0e10)
+    rows = json.loads((FIXTURES / "globe_4326_10deg.areas.json").read_text())["pixel_ha_by_row"]
+    geo = scene.image_info(tmp_path / "globe.tif")[1]
+    assert np.allclose(np.array(geo["pixel_m2"]) / 1e4, rows, rtol=1e-9)
+
+
 # ---------------------------------------------------------------------------- training end to end
 
 
@@ -722,7 +906,7 @@ def test_one_epoch_writes_everything_and_the_checkpoint_reloads(tiny, tiny_run):
     assert 0 < history[0]["loss"] < 1 and 0 <= history[0]["miou"] <= 1
     lines = (run / "points.csv").read_text().splitlines()
     assert lines[0] == "image,x,y,class" and len(lines) == 1 + 2 * 2 * 4 * 100  # tiles 1-2, 4 patches each
-    names, _, masks = layout.load_tiles(tiny, [1, 2], layout.read_classes(tiny)[1])
+    names, _, masks = tile_masks(tiny, [1, 2], layout.read_classes(tiny)[1])
     rows = [line.split(",") for line in lines[1:]]
     assert all(masks[names.index(n)][int(y), int(x)] == int(c) for n, x, y, c in rows)  # each on its class
     assert Image.open(run / "panel.png").size == (4 * 64 + 30, 64)
@@ -757,7 +941,7 @@ def test_predict_writes_masks_overlays_and_scores(tiny, tiny_run, tmp_path, caps
         assert {c for _, c in mask.convert("RGB").getcolors()} <= palette | {(0, 0, 0)}
     # scoring: the numbers train.py printed for the same tile and the same checkpoint
     assert predict.main(["--ckpt", str(ckpt), "--data", str(tiny), "--tiles", "3", "--out", str(out),
-                         "--precision", "fp32"]) == 0
+                         "--precision", "fp32", "--overwrite"]) == 0
     scored = json.loads((out / "metrics.json").read_text())
     trained = json.loads((tiny_run[1] / "metrics.json").read_text())["history"][-1]
     assert scored["miou"] == pytest.approx(trained["miou"]) and scored["iou"] == trained["iou"]
@@ -982,7 +1166,7 @@ def test_predict_flags_tta_bands_and_a_model_transformation_carried_into_the_mas
 def test_training_with_bands_keeps_them_for_predict(tiny, tmp_path):
     root = tmp_path / "set"
     names, colours = layout.read_classes(tiny)
-    _, images, masks = layout.load_tiles(tiny, [1, 2], colours)
+    _, images, masks = tile_masks(tiny, [1, 2], colours)
     for i, (image, mask) in enumerate(zip(images[:2], masks[:2])):
         (root / "images").mkdir(parents=True, exist_ok=True)
         write_tiff(root / "images" / f"{i}.tif", np.dstack([image[..., ::-1], image[..., :1]]))  # B, G, R, R
@@ -1003,8 +1187,7 @@ def test_training_with_bands_keeps_them_for_predict(tiny, tmp_path):
 def test_dense_masks_end_to_end_with_points_0(tiny, tmp_path, capsys):
     train.main(tiny_args(tiny, tmp_path / "run", "--points", "0"))
     said = capsys.readouterr().out
-    _, masks = layout.read_images([(None, p) for t in (1, 2) for p in layout.list_tiles(tiny)[t]],
-                                  layout.read_classes(tiny)[1])
+    _, _, masks = tile_masks(tiny, [1, 2], layout.read_classes(tiny)[1])
     labelled = sum(int((m != data.IGNORE).sum()) for m in masks)  # every pixel with a class
     assert f"({2 * 2 * 4} patches, {labelled} labelled pixels)" in said
     assert not (tmp_path / "run" / "points.csv").exists() and (tmp_path / "run" / "panel.png").exists()
@@ -1064,8 +1247,12 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     ("not JSON", "not JSON"),
     ("not a FeatureCollection", "not a GeoJSON FeatureCollection"),
     ("a line", "feature 1: a LineString, not a Point"),
-    ("another CRS", "its crs is EPSG:4326, the images' EPSG:32640: reproject"),
-    ("no class", "feature 0: no class (class or class_name or label or class_id"),
+    ("another CRS, no pyproj", r"its points are in EPSG:4326, .*needs pyproj \(pip install pyproj\)"),
+    ("a JSON list", "not a GeoJSON FeatureCollection .its top level is a list"),
+    ("NaN coordinates", r"feature 0: coordinates \(nan, .*\) are not finite numbers"),
+    ("infinite coordinates", r"feature 0: coordinates \(inf, .*\) are not finite numbers"),
+    ("a crs without properties", "crs .* is not an EPSG code"),
+    ("no class", r"feature 0: no class \(class or class_name or label or class_id"),
     ("a class not in classes.json", "feature 0: class 'Lava' is not in classes.json"),
     ("no point on an image", "no click on an image of the data set"),
     ("a CSV row with bad numbers", "clicks.csv:3: expected columns image,x,y,class with whole numbers"),
@@ -1073,7 +1260,7 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     ("a CSV row naming no image", "clicks.csv:2: unknown image 'b.tif'"),
     ("every class left empty", "clicks.csv:2: no click has a class yet"),
 ])
-def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, case, message):
+def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, case, message):
     root = tmp_path / "scenes"
     root.mkdir()
     save_geotiff(root / "a.tif", np.zeros((30, 40, 3), np.uint8), geotiff_tags())
@@ -1082,7 +1269,11 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, case, message)
     text = {"not JSON": "{nope", "not a FeatureCollection": json.dumps({"type": "Feature"}),
             "a line": geojson(features + [{"type": "Feature", "properties": {"class": "Water"}, "geometry":
                                            {"type": "LineString", "coordinates": [[x, y], [x, y]]}}]),
-            "another CRS": geojson(features, epsg=4326), "no class": geojson([feature(x, y, name="Water")]),
+            "another CRS, no pyproj": geojson(features, epsg=4326), "a JSON list": "[]",
+            "NaN coordinates": geojson([feature(math.nan, y, **{"class": "Water"})]),
+            "infinite coordinates": geojson([feature(math.inf, y, **{"class": "Water"})]),
+            "a crs without properties": json.dumps({**json.loads(geojson(features)), "crs": {"properties": None}}),
+            "no class": geojson([feature(x, y, name="Water")]),
             "a class not in classes.json": geojson([feature(x, y, **{"class": "Lava"})]),
             "no point on an image": geojson([feature(0, 0, **{"class": "Water"})])}.get(case)
     path = tmp_path / "clicks.geojson"
@@ -1096,9 +1287,11 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, case, message)
         classes = json.dumps({"classes": [{"title": "Water", "color": "#0000FF"}]})
         (root / "classes.json").write_text(classes)
     path.write_text(text)
+    monkeypatch.setitem(sys.modules, "pyproj", None)  # as where it is not installed: import fails
     out = tmp_path / "run"
     assert command_line(train.main, tiny_args(root, out, "--point-labels", str(path))) == 2
-    assert not any(out.iterdir())  # refused before anything is written
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+    assert not out.exists()  # refused before anything is written, the folder included
 
 
 def test_click_scores_on_a_handmade_case():
@@ -1129,7 +1322,7 @@ def scenes_and_clicks(tiny, root, per_image=15):
     TIFF with a world file. -> clicks drawn from the masks the folder does not have, as
     [(image name, x, y, class name)]."""
     names, colours = layout.read_classes(tiny)
-    _, images, masks = layout.load_tiles(tiny, [1, 2], colours)
+    _, images, masks = tile_masks(tiny, [1, 2], colours)
     root.mkdir()
     ties = {"a.tif": (0.0, 0.0, 500000.0, 2800000.0), "b.tif": (0.0, 0.0, 500200.0, 2800000.0)}
     for name, image in zip(["a.tif", "b.tif"], images):
@@ -1546,7 +1739,7 @@ def test_real_data_one_small_tile(tmp_path):
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert 0 < history[0]["loss"] < 1 and 0 < history[0]["miou"] <= 1
     _, colours = layout.read_classes(root)
-    names, _, masks = layout.load_tiles(root, [tile], colours)
+    names, _, masks = tile_masks(root, [tile], colours)
     rows = [r.split(",") for r in (tmp_path / "run" / "points.csv").read_text().splitlines()[1:]]
     n_patches = sum(len(data.grid(m.shape[0], 256)) * len(data.grid(m.shape[1], 256)) for m in masks)
     assert len(rows) == 100 * n_patches
