@@ -78,11 +78,12 @@ class Labels:
                 value = self.names[int(value)]
             if value not in self.names + [""]:
                 raise DataError(f"{where}: class {value!r} is not one of {', '.join(self.names)}")
-            if self.blind and number(row["sample"]) is None:
+            sample = number(row["sample"].strip()) if self.blind else None
+            if self.blind and sample is None:
                 raise DataError(f"{where}: sample {row['sample']!r} is not a point's number")
             if image in (None, name):
                 shown.append({"image": name, "x": x, "y": y, "class": value} |
-                             ({"sample": number(row["sample"])} if self.blind else {}))
+                             ({"sample": sample} if self.blind else {}))
         return shown
 
     def change(self, body):
@@ -164,9 +165,9 @@ class Labels:
 def read_points(path, info):
     """The clicks file as written -> (columns, rows [(image name, x, y, [values as written])], how it is
     written: {"bom", "newline", "mode"}), so that a change writes back every row and column it keeps."""
-    umask = os.umask(0o22)
-    os.umask(umask)
     if not path.exists() or path.stat().st_size == 0:
+        umask = os.umask(0o22)  # reading it means setting it: put back at once
+        os.umask(umask)
         return ["image", "x", "y", "class"], [], {"bom": False, "newline": "\r\n", "mode": 0o666 & ~umask}
     try:
         raw = path.read_bytes()
@@ -370,6 +371,7 @@ def get_args(argv=None):
 def main(argv=None):
     server = serve(get_args(argv))
     host, port = server.server_address[:2]
+    host = "127.0.0.1" if server.everywhere else host  # browsers refuse 0.0.0.0 as an address to open
     print(f"labelling {len(server.labels.files)} images of {server.labels.root}: open "
           f"http://{host}:{port}/#token={server.token} (Ctrl-C stops)", flush=True)
     try:
