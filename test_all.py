@@ -2,8 +2,10 @@
 
 Fast (no network, tiny data written here); set AERIAL_DATA to a data set to add a real-data run.
 """
+import contextlib
 import copy
 import csv
+import errno
 import importlib.util
 import io
 import json
@@ -1403,6 +1405,18 @@ def test_partial_masks_and_scribbles_train_as_they_are_with_points_0(tmp_path, c
 # ---------------------------------------------------------------------------- the click page
 
 
+@contextlib.contextmanager
+def serving(*args):
+    """label.py with these arguments serving in a thread -> (base address, server)."""
+    server = label.serve(label.get_args([*map(str, args), "--port", "0"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def label_server(tiny, tmp_path):
     """label.py serving two images of the tiny set (one cut to 90x60, so that x and y differ) with a
@@ -1414,20 +1428,23 @@ def label_server(tiny, tmp_path):
     Image.fromarray(image).save(root / "square.jpg")
     (root / "classes.json").write_text((tiny / "classes.json").read_text())
     points = tmp_path / "clicks.csv"
-    server = label.serve(label.get_args([str(root), "--points", str(points), "--port", "0"]))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", points, server
-    server.shutdown()
-    server.server_close()
+    with serving(root, "--points", points) as (base, server):
+        yield base, points, server
 
 
-def request(url, body=None):
+def request(url, body=None, headers=None):
     """-> (status, body bytes) of a GET, or of a POST of `body` (bytes)."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}), timeout=30) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def change(base, server, click, **headers):
+    """POST a click to /change as the page does (JSON, with the token), `headers` over those -> status."""
+    page = {"Content-Type": "application/json", "X-Token": server.token}
+    return request(base + "/change", json.dumps(click).encode(), {**page, **headers})[0]
 
 
 def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_path, capsys):
@@ -1435,8 +1452,7 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     state = json.loads(request(base + "/state")[1])
     assert [i["name"] for i in state["images"]] == ["square.jpg", "sub/wide.png"]
     assert state["images"][1]["width"] == 90 and state["images"][1]["height"] == 60 and not state["model"]
-    add = {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}
-    assert request(base + "/change", json.dumps(add).encode())[0] == 200
+    assert change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}) == 200
     assert points.read_text() == "image,x,y,class\nsub/wide.png,80,5,Road\n"  # saved at once
     # the file is what train.py reads
     info = {n: scene.image_info(server.labels.root / n) for n in ["square.jpg", "sub/wide.png"]}
@@ -1452,7 +1468,7 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
            ("/change", b'{"image": "sub/wide.png", "x": 1.5, "y": 1, "class": "Road"}'),
            ("/change", b'{"image": "sub/wide.png", "x": 1, "y": 1, "class": "Lava"}'), ("/change", b"[1, 2]")]
     for path, body in bad:
-        status, _ = request(base + path, body)
+        status, _ = request(base + path, body, {"Content-Type": "application/json", "X-Token": server.token})
         assert (status == 404) if body is None else (status == 400), (path, status)
     log = capsys.readouterr().err.strip().splitlines()
     assert len(log) == len(bad) and "Traceback" not in "".join(log)  # one line each
@@ -1460,8 +1476,7 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     # two tabs at once: every change lands, and the file is always whole
     def tab(k):
         for y in range(10):
-            click = {"image": "square.jpg", "x": k, "y": y, "class": "Water"}
-            request(base + "/change", json.dumps(click).encode())
+            change(base, server, {"image": "square.jpg", "x": k, "y": y, "class": "Water"})
 
     tabs = [threading.Thread(target=tab, args=(k,)) for k in range(4)]
     for t in tabs:
@@ -1472,57 +1487,160 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     assert len(rows) == 41
     assert {(int(r["x"]), int(r["y"])) for r in rows[1:]} == {(k, y) for k in range(4) for y in range(10)}
     # a click on a point removes it; a new server (a reload) shows what was saved
-    request(base + "/change", json.dumps({"image": "sub/wide.png", "x": 80, "y": 5}).encode())
+    change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5})
     again = label.Labels(server.labels.root, points, None, None, 3)
-    assert len(again.clicks) == 40 and ("sub/wide.png", 80, 5, "Road") not in again.clicks
+    assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows]
     named = label.Labels(server.labels.root, tmp_path / "new.csv", "Water, Land,Road", None, 3)
-    assert named.names == ["Land", "Road", "Water"] and named.clicks == []  # sorted, as train.py sorts them
+    assert named.names == ["Land", "Road", "Water"] and named.clicks() == []  # sorted, as train.py sorts them
 
 
-def test_label_server_with_a_checkpoint_gives_the_map_and_predict_py_suggestions(tiny, tiny_run, tmp_path):
-    root = tmp_path / "photos"
-    root.mkdir()
-    image = layout.read_image(tiny / "Tile 3" / "images" / "image_part_001.jpg")[0]
-    Image.fromarray(image).save(root / "a.png")
-    ckpt = str(tiny_run[1] / "ckpt.pt")
-    args = [str(root), "--points", str(tmp_path / "c.csv"), "--port", "0", "--ckpt", ckpt,
-            "--classes", str(tiny / "classes.json")]
-    server = label.serve(label.get_args(args))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    status, png = request(base + "/map/0")
-    shown = np.array(Image.open(io.BytesIO(png)))
-    status2, near = request(base + "/suggestions/0")
-    server.shutdown()
-    server.server_close()
-    # the same map and suggestions as predict.py computes with that checkpoint
-    assert predict.main(["--ckpt", ckpt, str(root / "a.png"), "--out", str(tmp_path / "p"), "--suggest", "10",
-                         "--device", "cpu", "--precision", "fp32"]) == 0  # the precision the run trained in
-    assert status == status2 == 200
-    assert np.array_equal(shown, np.array(Image.open(tmp_path / "p" / "a_mask.png")))
-    expected = list(csv.DictReader(open(tmp_path / "p" / "suggestions.csv")))
-    assert json.loads(near) == [{"x": int(r["x"]), "y": int(r["y"]), "hint": r["hint"]} for r in expected]
+def test_label_server_takes_changes_only_from_its_own_page(label_server, capsys):
+    base, points, server = label_server
+    port, token = server.server_address[1], server.token
+    click = {"image": "square.jpg", "x": 1, "y": 2, "class": "Water"}
+    capsys.readouterr()
+    writes = [{"Content-Type": "text/plain"},  # what a <form enctype="text/plain"> of another page sends
+              {"Content-Type": "application/x-www-form-urlencoded"}, {"X-Token": ""}, {"X-Token": token[:-1]},
+              {"Origin": f"http://127.0.0.1:{port + 1}"},  # another port is another site
+              {"Origin": "null"},  # a local file
+              {"Origin": f"http://evil.example:{port}"},
+              {"Host": f"evil.example:{port}"}]  # DNS rebinding: our address under the attacker's name
+    reads = [("/state", {"Host": f"evil.example:{port}"}), ("/image/0", {"Host": f"evil.example:{port}"}),
+             ("/", {"Host": f"127.0.0.1:{port + 1}"}), ("/state", {"Host": "127.0.0.1"}),
+             ("/state", {"Origin": "http://evil.example"})]
+    assert [change(base, server, click, **h) for h in writes] == [403] * len(writes)
+    assert [request(base + path, None, h)[0] for path, h in reads] == [403] * len(reads)
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == len(writes) + len(reads) and all("403, message refused: " in line for line in log)
+    assert not points.exists()  # nothing written
+    for host in [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost:{port}"]:
+        assert request(base + "/state", None, {"Host": host})[0] == 200, host
+    assert change(base, server, click, Origin=f"http://localhost:{port}") == 200
+    assert points.read_text() == "image,x,y,class\nsquare.jpg,1,2,Water\n"
+    # on every address: a warning, and any IP address is ours, a name still is not
+    everywhere = label.serve(label.get_args([str(server.labels.root), "--points", str(points),
+                                             "--host", "0.0.0.0", "--port", "0"]))
+    port = everywhere.server_address[1]
+    assert capsys.readouterr().out == f"warning: --host 0.0.0.0: anyone who can reach port {port} can read " \
+        "the images and, with the token, write clicks\n"
+    addresses = [f"10.1.2.3:{port}", f"localhost:{port}", f"evil.example:{port}", f"10.1.2.3:{port + 1}"]
+    assert [label.ours(a, everywhere) for a in addresses] == [True, True, False, False]
+    everywhere.server_close()
 
 
-def test_label_bad_input_is_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, capsys):
-    empty, photos = tmp_path / "empty", tmp_path / "photos"
-    empty.mkdir()
-    photos.mkdir()
-    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photos / "a.png")
-    (tmp_path / "bad.csv").write_text("image,x,y,class\na.png,30,1,Water\n")
-    (tmp_path / "good.csv").write_text("image,x,y,class\na.png,3,1,Water\n")
-    rows = [  # arguments, the start of the message
-        ([empty, "--points", tmp_path / "c.csv"], f"{empty}: holds no images"),
-        ([photos, "--points", tmp_path / "c.csv"], f"{photos}: no classes.json and no clicks yet"),
-        ([photos, "--points", tmp_path / "bad.csv"], f"{tmp_path / 'bad.csv'}:2: point (30, 1) is outside"),
-        ([photos, "--points", tmp_path / "c.csv", "--classes", tmp_path / "nope.json"], "--classes"),
-        ([photos, "--points", tmp_path / "good.csv", "--ckpt", tiny_run[1] / "ckpt.pt"], "--ckpt"),
-        ([photos, "--points", tmp_path / "good.csv", "--port", "99999"], "--host 127.0.0.1 --port 99999"),
-    ]
-    for args, message in rows:
-        assert command_line(label.main, list(map(str, args))) == 2, args
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+def test_label_server_writes_back_every_row_and_column(label_server, tmp_path):
+    root = label_server[2].labels.root
+    # predict.py's suggestions: images as given to it, the class empty, the model's hint and margin
+    rows = [(str(root / "square.jpg"), 5, 6, 0, 0.01), (str(root / "sub/wide.png"), 7, 8, 1, 0.02),
+            (str(root / "square.jpg"), 9, 10, 2, 0.03), (str(root / "sub/wide.png"), 11, 12, 0, 0.5)]
+    given = clicks.write_suggestions(tmp_path, rows, ["Water", "Road", "Building"], {})[0]
+    before = given.read_bytes().splitlines(keepends=True)
+    labels = label.Labels(root, given, None, None, 3)
+    assert [(c["x"], c["class"]) for c in labels.clicks()] == [(5, ""), (7, ""), (9, ""), (11, "")]  # shown
+    labels.change({"image": "sub/wide.png", "x": 7, "y": 8, "class": "Water"})  # fills its row in
+    labels.change({"image": "square.jpg", "x": 9, "y": 10})  # removes its row
+    labels.change({"image": "sub/wide.png", "x": 1, "y": 2, "class": "Road"})  # a new row, the rest empty
+    expected = [*before[:2], before[2].replace(b",7,8,,", b",7,8,Water,"), before[4],
+                b"sub/wide.png,1,2,Road,,\r\n"]
+    assert given.read_bytes() == b"".join(expected)
+    info = {n: scene.image_info(root / n) for n in ["square.jpg", "sub/wide.png"]}
+    assert clicks.read_clicks([given], info, labels.names)[0] == {"sub/wide.png": [(7, 8, 0), (1, 2, 2)]}
+    # Excel's "CSV UTF-8" (a byte-order mark) and a file with "\n" line ends are written back as they were
+    for text, added, first in [("\ufeffimage,x,y,class,note\r\nsquare.jpg,3,4,Water,\"a, b\"\r\n",
+                                "square.jpg,3,5,Building,\r\n", "Water"),
+                               ("image,x,y,class\nsquare.jpg,3,4,2\n", "square.jpg,3,5,Building\n", "Road")]:
+        path = tmp_path / "excel.csv"
+        path.write_bytes(text.encode())
+        labels = label.Labels(root, path, None, None, 3)
+        assert labels.clicks() == [{"image": "square.jpg", "x": 3, "y": 4, "class": first}]  # 2: class 2
+        labels.change({"image": "square.jpg", "x": 3, "y": 5, "class": "Building"})
+        assert path.read_bytes() == (text + added).encode()
+    # GeoJSON is refused at start, whatever its name: the page writes CSV
+    for name, text in [("points.csv", '{"type": "FeatureCollection", "features": []}'),
+                       ("p.geojson", "\n [ ]\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{name}: GeoJSON, and the page reads and writes CSV") as e:
+            label.Labels(root, tmp_path / name, None, None, 3)
+        assert "\n" not in str(e.value) and (tmp_path / name).read_text() == text
+
+
+def test_label_server_on_a_full_disk_keeps_what_is_saved(label_server, monkeypatch, capsys):
+    base, points, server = label_server
+    first = {"image": "square.jpg", "x": 1, "y": 2, "class": "Water"}
+    assert change(base, server, first) == 200
+    saved = points.read_bytes()
+
+    def full(handle):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    capsys.readouterr()
+    assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4, "class": "Building"}) == 507
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == 1 and "507, message not saved: No space left on device" in log[0]
+    assert points.read_bytes() == saved
+    assert [p.name for p in points.parent.iterdir() if p.name.startswith(points.name)] == [points.name]
+    assert json.loads(request(base + "/state")[1])["clicks"] == [first]  # as a reload shows: what is on disk
+    monkeypatch.undo()
+    assert change(base, server, {"image": "square.jpg", "x": 5, "y": 6, "class": "Building"}) == 200
+    assert points.read_text() == "image,x,y,class\nsquare.jpg,1,2,Water\nsquare.jpg,5,6,Building\n"
+
+
+def test_label_server_answers_requests_it_does_not_expect_with_a_4xx(label_server, tmp_path, capsys):
+    base, points, server = label_server
+    port, click = server.server_address[1], b'{"image": "square.jpg", "x": 1, "y": 2, "class": "Water"}'
+    head = f"POST /change HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n" \
+           f"X-Token: {server.token}\r\n"
+    sent = [(head + "Content-Length: -1\r\n", click + b" " * 20_000, 400),  # else read to the end: 20 kB
+            (head + "Content-Length: 58a\r\n", click, 400), (head, click, 411),
+            (head + "Content-Length: 10000\r\n", b"[" * 5000 + b"]" * 5000, 400),  # too deep for json
+            (head + "Content-Length: 63\r\n", click.replace(b"Water", "水".encode()), 400),  # not Latin-1
+            (f"GET /image/\xb2 HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n", b"", 400),  # '²'.isdigit()
+            ("GET /state HTTP/1.0\r\n", b"", 403)]  # no Host
+    capsys.readouterr()
+    for text, body, status in sent:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(text.encode("latin-1") + b"\r\n" + body)
+            s.shutdown(socket.SHUT_WR)
+            reply = s.makefile("rb").readline()
+        assert reply.startswith(f"HTTP/1.0 {status} ".encode()), (text, body[:20], reply)
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == len(sent) and "Traceback" not in "".join(log)  # one line each
+    assert not points.exists() and request(base + "/state")[0] == 200  # nothing saved, and still serving
+    # a link planted where a fixed temporary file would be is not followed; the file keeps its mode
+    victim, kept = tmp_path / "victim.txt", tmp_path / "kept.csv"
+    victim.write_text("mine")
+    kept.write_text("image,x,y,class\n")
+    kept.chmod(0o640)
+    (tmp_path / "kept.csv.tmp").symlink_to(victim)
+    label.Labels(server.labels.root, kept, None, None, 3).change(json.loads(click))
+    assert victim.read_text() == "mine" and kept.read_text() == "image,x,y,class\nsquare.jpg,1,2,Water\n"
+    assert kept.stat().st_mode & 0o777 == 0o640 and not kept.is_symlink()
+    # bad flag values: one line each, before anything starts
+    start = [str(server.labels.root), "--points", str(kept), "--port", "0"]
+    for flags, said in [(["--suggest", "-5"], "--suggest -5: "), (["--classes", " , "], "--classes ' , ': ")]:
+        with pytest.raises(DataError, match=re.escape(said)) as e:
+            label.serve(label.get_args(start + flags))
+        assert "\n" not in str(e.value)
+
+
+def test_label_blind_mode_shows_and_takes_the_sample_points_only(label_server, tiny_run, tmp_path, capsys):
+    root = label_server[2].labels.root
+    sample = tmp_path / "sample.csv"  # assess.py's: images as given to predict.py, the class empty
+    text = f"image,x,y,class,sample\r\n{root / 'sub/wide.png'},80,5,,1\r\n{root / 'square.jpg'},3,4,,2\r\n"
+    sample.write_bytes(text.encode())
+    with serving(root, "--points", sample, "--ckpt", tiny_run[1] / "ckpt.pt") as (base, server):
+        assert "ignored" in capsys.readouterr().out  # the map would tell the person what to answer
+        state = json.loads(request(base + "/state")[1])
+        assert state["blind"] and not state["model"]
+        assert state["clicks"] == [{"image": "sub/wide.png", "x": 80, "y": 5, "class": "", "sample": 1},
+                                   {"image": "square.jpg", "x": 3, "y": 4, "class": "", "sample": 2}]
+        assert request(base + "/map/0")[0] != 200 and request(base + "/suggestions/0")[0] != 200
+        assert change(base, server, {"image": "square.jpg", "x": 9, "y": 9, "class": "Road"}) == 400  # off it
+        assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4}) == 400  # none removed
+        assert sample.read_bytes() == text.encode()
+        assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4, "class": "Road"}) == 200
+    assert sample.read_bytes() == text.replace(",3,4,,2", ",3,4,Road,2").encode()
 
 
 def chromium_missing():
@@ -1533,11 +1651,23 @@ BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def open_label_page(p, base, image=0, size=(900, 700)):
-    """Headless Chromium on label.py's page at `base`, showing image number `image` -> the page."""
-    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS)
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the browser tests of this file (each launch costs seconds)."""
+    if chromium_missing():
+        pytest.skip("needs Chromium and Playwright: apt-get install -y chromium && pip install playwright")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS)
+        yield browser
+        browser.close()
+
+
+def open_label_page(browser, address, image=0, size=(900, 700)):
+    """A new tab on label.py's page at `address`, showing image number `image` -> the page."""
     page = browser.new_page(viewport={"width": size[0], "height": size[1]})
-    page.goto(base + "/")
+    page.goto(address)
     page.wait_for_function("S && picture.complete && picture.naturalWidth")
     for _ in range(image):
         page.keyboard.press("n")
@@ -1545,47 +1675,83 @@ def open_label_page(p, base, image=0, size=(900, 700)):
     return page
 
 
-def label_page_screenshot(base, path, image=0, size=(900, 700)):
+def screenshot(browser, address, path, image=0, size=(900, 700)):
     """A screenshot of the page on image number `image`, with the model's map (key m) and its
     suggestions when the server has a model."""
+    page = open_label_page(browser, address, image, size)
+    if page.evaluate("S.model"):
+        page.keyboard.press("m")
+        page.wait_for_function("overlay !== null && suggestions.length > 0")
+    page.screenshot(path=path)
+    page.close()
+
+
+def label_page_screenshot(base, path, image=0, size=(900, 700)):
+    """screenshot() in a browser of its own (figures.py takes README's picture with it)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        page = open_label_page(p, base, image, size)
-        if page.evaluate("S.model"):
-            page.keyboard.press("m")
-            page.wait_for_function("overlay !== null && suggestions.length > 0")
-        page.screenshot(path=path)
+        screenshot(p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS), base, path,
+                   image, size)
 
 
-def click_on_the_page(base):
+def click_on_the_page(page):
     """Press 3, click the canvas twice at one place (add, then remove) -> dict: box, the client
     position clicked, toImage there, nearest() near and far from the point, the clicks after the add."""
-    from playwright.sync_api import sync_playwright
-
     seen = {}
-    with sync_playwright() as p:
-        page = open_label_page(p, base, image=1)  # the second image: 90x60
-        page.keyboard.press("3")
-        box = page.locator("canvas").bounding_box()
-        seen["box"], scale = box, box["width"] / 90  # CSS pixels per image pixel
-        # 2 CSS pixels right of and below the centre of image pixel (54, 16)
-        at = seen["at"] = (box["x"] + 54.5 * scale + 2, box["y"] + 16.5 * scale + 2)
-        seen["toImage"] = page.evaluate(f"toImage({at[0]}, {at[1]})")
-        page.mouse.click(*at)
-        page.wait_for_function("S.clicks.length === 1")
-        seen["nearest"] = [page.evaluate(f"nearest(here(), {at[0] + d}, {at[1] - d})") for d in (2, 9)]
-        seen["after add"] = page.evaluate("S.clicks")
-        page.mouse.click(*at)
-        page.wait_for_function("S.clicks.length === 0")
+    page.keyboard.press("3")
+    box = page.locator("canvas").bounding_box()
+    seen["box"], scale = box, box["width"] / 90  # CSS pixels per image pixel
+    # 2 CSS pixels right of and below the centre of image pixel (54, 16)
+    at = seen["at"] = (box["x"] + 54.5 * scale + 2, box["y"] + 16.5 * scale + 2)
+    seen["toImage"] = page.evaluate(f"toImage({at[0]}, {at[1]})")
+    page.mouse.click(*at)
+    page.wait_for_function("S.clicks.length === 1")
+    seen["nearest"] = [page.evaluate(f"nearest(here(), {at[0] + d}, {at[1] - d})") for d in (2, 9)]
+    seen["after add"] = page.evaluate("S.clicks")
+    page.mouse.click(*at)
+    page.wait_for_function("S.clicks.length === 0")
     return seen
 
 
-@pytest.mark.skipif(chromium_missing(), reason="needs Chromium and Playwright: apt-get install -y "
-                    "chromium && pip install playwright")
-def test_label_page_in_a_browser_clicks_the_right_pixel(label_server, tmp_path):
-    base, points, _ = label_server
-    seen = click_on_the_page(base)
+# another site's page: a form posting text/plain that reads as JSON, and a no-cors fetch
+ATTACK = """<!doctype html><form method="post" enctype="text/plain" action="{base}/change">
+<input name='{{"image": "square.jpg", "x": 7, "y": 7, "class": "Water", "pad": "' value='"}}'></form>
+<script>fetch("{base}/change", {{mode: "no-cors", method: "POST",
+  body: '{{"image": "square.jpg", "x": 8, "y": 8, "class": "Water"}}'}})
+  .finally(() => document.forms[0].submit());
+</script>"""
+
+
+def test_label_page_in_a_browser_saves_its_own_clicks_only(chromium, label_server, tmp_path, monkeypatch,
+                                                            capsys):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    base, points, server = label_server
+
+    class Attacker(BaseHTTPRequestHandler):
+        def do_GET(self):
+            page = ATTACK.format(base=base).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    tab = chromium.new_page()
+    tab.goto(f"http://127.0.0.1:{other.server_address[1]}/")
+    tab.wait_for_url(base + "/change")  # the form was sent, after the fetch
+    other.shutdown()
+    other.server_close()
+    tab.close()
+    refused = [line for line in capsys.readouterr().err.splitlines() if '"POST /change' in line]
+    assert len(refused) == 2 and all("403, message refused: " in line for line in refused)
+    assert not points.exists()
+    # the page itself: the right pixel, saved
+    page = open_label_page(chromium, f"{base}/#token={server.token}", image=1)  # the second image: 90x60
+    seen = click_on_the_page(page)
     box, (cx, cy) = seen["box"], seen["at"]
     # the reference: the canvas box is the whole 90x60 image, so a client position maps proportionally
     x, y = math.floor((cx - box["x"]) * 90 / box["width"]), math.floor((cy - box["y"]) * 60 / box["height"])
@@ -1594,8 +1760,43 @@ def test_label_page_in_a_browser_clicks_the_right_pixel(label_server, tmp_path):
     assert seen["after add"] == [{"image": "sub/wide.png", "x": x, "y": y, "class": "Road"}]  # key 3: class 2
     assert seen["nearest"] == [seen["after add"][0], None]  # 4 CSS pixels from the point, and 11
     assert points.read_text() == "image,x,y,class\n"  # the second click removed it
-    label_page_screenshot(base, tmp_path / "page.png", image=1)  # as README's picture is taken
+    # a full disk: the page says so, and shows what the file holds
+    monkeypatch.setattr(os, "fsync", lambda handle: exec("raise OSError(28, 'No space left on device')"))
+    page.mouse.click(cx, cy)
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('not saved: 507')")
+    assert page.evaluate("S.clicks") == [] and points.read_text() == "image,x,y,class\n"
+    monkeypatch.undo()
+    page.close()
+    screenshot(chromium, base + "/", tmp_path / "page.png", image=1)  # as README's picture is taken
     assert Image.open(tmp_path / "page.png").size == (900, 700)
+
+
+def test_label_page_in_a_browser_blind_mode_labels_point_after_point(chromium, label_server, tmp_path):
+    root = label_server[2].labels.root
+    sample = tmp_path / "sample.csv"  # the rows out of the sample's order
+    sample.write_text("image,x,y,class,sample\nsub/wide.png,80,5,,2\nsquare.jpg,10,20,,1\n"
+                      "square.jpg,50,60,,3\n")
+    with serving(root, "--points", sample) as (base, server):
+        page, asked = chromium.new_page(viewport={"width": 900, "height": 700}), []
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(f"{base}/#token={server.token}")
+        page.wait_for_function("S && k === 0 && cur === 0 && picture.complete && picture.naturalWidth")
+        at, box = page.evaluate("[toCanvas(10, 20), canvas.getBoundingClientRect()]")  # sample point 1, centred
+        assert abs(at["x"] - box["width"] / 2) < 1 and abs(at["y"] - box["height"] / 2) < 1
+        page.keyboard.press("3")  # Road
+        page.wait_for_function("k === 1 && cur === 1 && picture.complete")  # on to sample point 2
+        assert "1 of 3 labelled" in page.text_content("#title")
+        page.keyboard.press("m")
+        box = page.locator("canvas").bounding_box()
+        page.mouse.click(box["x"] + 5, box["y"] + 5)  # elsewhere: adds nothing
+        page.keyboard.press("n")
+        page.wait_for_function("k === 2")
+        assert not page.evaluate("showMap") and page.evaluate("S.clicks.length") == 3
+        assert "probability sample" in page.text_content("#help")
+        page.close()
+    assert [u for u in asked if "/map" in u or "/suggestions" in u or "/change" in u] == [base + "/change"]
+    assert sample.read_text() == "image,x,y,class,sample\nsub/wide.png,80,5,,2\nsquare.jpg,10,20,Road,1\n" \
+        "square.jpg,50,60,,3\n"
 
 
 # ---------------------------------------------------------------------------- interrupted runs
