@@ -1816,6 +1816,49 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert torch.load(path)["epoch"] == 1
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_last_whole_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_args(tiny, run))  # epoch 1 on disk
+
+    def full(obj, f):  # the disk fills up in the middle of epoch 2's checkpoint, as torch.save reports it
+        Path(f).write_bytes(b"half a fi")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert command_line(train.main, tiny_args(tiny, run, "--epochs", "2", "--resume")) == 2
+    monkeypatch.undo()
+    assert re.fullmatch(r"error: \S+: cannot write the checkpoint of epoch 2 \(write failed; \d+ MB free on its "
+                        r"disk\); the last whole checkpoint: \S+ckpt.pt \(after epoch 1\)\n", capsys.readouterr().err)
+    assert not list(run.glob("*.tmp"))  # no half-written file left on the full disk
+    assert torch.load(run / "ckpt.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_bad_input_found_late_leaves_no_half_made_run(tiny, tmp_path):
+    out = tmp_path / "new" / "run"
+    assert command_line(train.main, tiny_args(tiny, out, "--weights", str(tmp_path / "missing.pth"))) == 2
+    assert not (tmp_path / "new").exists()  # the folder tried for writing is gone again
+    train.main(tiny_args(tiny, out))  # the same command with the right weights: no "already holds a run"
+    assert (out / "ckpt.pt").exists()
+
+
+def test_predict_never_writes_over_maps_nor_over_filled_in_suggestions(tiny_run, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 70, 3)).astype(np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "maps"
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "a.png"), "--out", str(out), "--precision",
+            "fp32", "--suggest", "2"]
+    assert predict.main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert command_line(predict.main, args) == 2  # a second run into the same folder: refused, nothing changed
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    lines = (out / "suggestions.csv").read_text().splitlines()
+    lines[1] = lines[1].replace(",,", ",Water,", 1)  # a person fills in one class
+    (out / "suggestions.csv").write_text("\n".join(lines) + "\n")
+    filled = (out / "suggestions.csv").read_bytes()
+    assert command_line(predict.main, args + ["--overwrite"]) == 2  # whatever the flag says
+    assert predict.main(args[:-2] + ["--overwrite"]) == 0  # maps written over, the suggestions left as they are
+    assert (out / "suggestions.csv").read_bytes() == filled
+
+
 def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path):
     args = tiny_args(tiny, tmp_path / "run")
     train.main(args)
