@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, TiffImagePlugin
 
 import clicks
@@ -38,6 +39,7 @@ import georef
 import label
 import layout
 import maps
+import model
 import predict
 import scene
 import speed
@@ -896,6 +898,87 @@ def test_areas_on_a_geographic_grid_sum_to_the_earth(tiny_run, tmp_path):
     rows = json.loads((FIXTURES / "globe_4326_10deg.areas.json").read_text())["pixel_ha_by_row"]
     geo = scene.image_info(tmp_path / "globe.tif")[1]
     assert np.allclose(np.array(geo["pixel_m2"]) / 1e4, rows, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------- many bands, one scale, GPS points
+
+
+def nir_set(root, size=64, seed=0):
+    """Two classes that differ only in band 4, a near-infrared band (bands 1-3: the same noise for
+    both), as 16-bit TIFFs in the Kaggle layout: Tiles 1-2 to train on, Tile 3 to validate."""
+    rng = np.random.default_rng(seed)
+    for t in (1, 2, 3):
+        for folder in ("images", "masks"):
+            (root / f"Tile {t}" / folder).mkdir(parents=True)
+        for k in range(2):
+            cls = (synthetic.smooth_noise(rng, size, size, 4) > 0.5).astype(np.uint8)
+            bands = rng.integers(1000, 3000, (size, size, 4)).astype(np.uint16)
+            bands[..., 3] = np.where(cls == 1, 3500, 1500) + rng.integers(-300, 300, (size, size))
+            write_tiff(root / f"Tile {t}" / "images" / f"s{k}.tif", bands)
+            Image.fromarray(np.array(COLOURS[:2], np.uint8)[cls]).save(root / f"Tile {t}" / "masks" / f"s{k}.png")
+    (root / "classes.json").write_text(classes_json(COLOURS[:2]))
+    return root
+
+
+def test_a_fourth_band_is_learned_where_rgb_alone_cannot_learn_it(tmp_path):
+    root = nir_set(tmp_path / "set")
+    miou = {}
+    for name, extra in [("all", []), ("rgb", ["--bands", "1,2,3"])]:
+        train.main(tiny_args(root, tmp_path / name, "--points", "0", "--epochs", "3", *extra))
+        miou[name] = json.loads((tmp_path / name / "metrics.json").read_text())["history"][-1]["miou"]
+    assert miou["all"] > 0.55 and miou["rgb"] < 0.45  # 0.720 and 0.331 measured on a 2-core Xeon
+    ckpt = torch.load(tmp_path / "all" / "ckpt.pt", weights_only=True)
+    assert ckpt["bands"] == [1, 2, 3, 4] and ckpt["model"]["conv1.weight"].shape[1] == 4
+    pixels = np.concatenate([scene.read_scene(p)["samples"].reshape(-1, 4).astype(np.float64)
+                             for t in (1, 2) for p in sorted((root / f"Tile {t}" / "images").iterdir())])
+    assert np.allclose(ckpt["norm"]["mean"], pixels.mean(0)) and np.allclose(ckpt["norm"]["std"], pixels.std(0))
+    # a scene of another season, twice as bright: the training images' scale, not its own
+    s = scene.read_scene(root / "Tile 3" / "images" / "s0.tif")
+    brighter = {**s, "samples": s["samples"] * 2}
+    (x1, norm), (x2, _) = model.model_input(s, ckpt), model.model_input(brighter, ckpt)
+    a, b = model.to_input(torch.from_numpy(x1[None]), norm), model.to_input(torch.from_numpy(x2[None]), norm)
+    std = torch.tensor(norm["std"]).view(1, 4, 1, 1)
+    assert torch.allclose(b - a, torch.from_numpy(x1[None]).permute(0, 3, 1, 2).float() / std, atol=1e-4)
+    assert np.array_equal(scene.display(x1, None), scene.display(x2, None))  # the per-scene stretch: the same
+
+
+def test_imagenet_filters_are_carried_over_to_any_number_of_bands(tmp_path):
+    state = torchvision.models.resnet34(weights=None).state_dict()
+    torch.save(state, tmp_path / "r34.pth")
+    for n in (1, 2, 4, 13):
+        net = build_model(5, str(tmp_path / "r34.pth"), in_channels=n)
+        assert torch.equal(net.conv1.weight, state["conv1.weight"][:, [i % 3 for i in range(n)]] * (3 / n))
+        assert net(torch.zeros(1, n, 64, 64)).shape == (1, 5, 64, 64)
+    assert torch.equal(build_model(5, str(tmp_path / "r34.pth")).conv1.weight, state["conv1.weight"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyproj") is None, reason="needs pyproj: pip install pyproj")
+def test_gps_points_land_where_gdal_puts_them_and_a_4_band_scene_trains_maps_and_suggests(tmp_path, capsys):
+    name = "multispectral_uint16_utm40n.tif"
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    (folder / name).write_bytes((FIXTURES / name).read_bytes())
+    info = {name: scene.image_info(folder / name)}
+    expected = json.loads((FIXTURES / "clicks.expected.json").read_text())
+    names = expected["classes"]
+    gps = [p for p in expected["wgs84_points"] if p["image"] == name]  # the others lie on ORTHO_0001.JPG
+    points = sorted((*p["gdallocationinfo_pixel"], names.index(p["class"])) for p in gps)
+    by_image, _ = clicks.read_clicks([FIXTURES / "clicks_wgs84.geojson"], info, names)  # RFC 7946: no crs
+    assert sorted(by_image[name]) == points and "read as RFC 7946 GeoJSON" in capsys.readouterr().out
+    rows = [(*p["lonlat"], p["class"]) for p in gps]
+    (tmp_path / "gps.csv").write_text("lon;lat;class\n" + "".join(f"{x};{y};{c}\n" for x, y, c in rows))
+    assert sorted(clicks.read_clicks([tmp_path / "gps.csv"], info, names)[0][name]) == points
+    utm = [(*p["utm40n"], p["class"]) for p in gps]
+    (tmp_path / "utm.csv").write_text("x,y,class\n" + "".join(f"{x},{y},{c}\n" for x, y, c in utm))
+    assert sorted(clicks.read_clicks([tmp_path / "utm.csv"], info, names, crs="EPSG:32640")[0][name]) == points
+    run, out = tmp_path / "run", tmp_path / "maps"
+    train.main(tiny_args(folder, run, "--point-labels", str(FIXTURES / "clicks_wgs84.geojson")))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["bands"] == [1, 2, 3, 4] and len(ckpt["norm"]["mean"]) == 4
+    assert predict.main(["--ckpt", str(run / "ckpt.pt"), str(folder), "--out", str(out), "--suggest", "2",
+                         "--precision", "fp32", "--show-bands", "4,1,2"]) == 0
+    assert len(json.loads((out / "suggestions.geojson").read_text())["features"]) == 2
+    assert Image.open(out / "multispectral_uint16_utm40n_mask.tif").size == (64, 64)
 
 
 # ---------------------------------------------------------------------------- training end to end
