@@ -61,5 +61,6 @@ def band_list(text, flag="--bands", counts=None):
         bands = []
     if not bands or min(bands) < 1 or len(set(bands)) < len(bands) or (counts and len(bands) not in counts):
         many = " or ".join(map(str, counts)) if counts else "one or more different"
-        raise DataError(f"{flag} {text}: expected {many} band numbers from 1, separated by commas, e.g. 4,3,2")
+        raise DataError(f"{flag} {text}: expected {many} band numbers from 1, separated by commas, "
+                        "e.g. 4,3,2")
     return bands

@@ -107,8 +107,8 @@ def read_csv(path, info, field=None, crs=None):
         try:
             image, x, y = record["image"], whole(record["x"]), whole(record["y"])
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{where}: expected columns image,x,y,class with whole numbers x and y (or lon,lat,class; "
-                            "or x,y,class with --points-crs)")
+            raise DataError(f"{where}: expected columns image,x,y,class with whole numbers x and y (or "
+                            "lon,lat,class; or x,y,class with --points-crs)")
         name = find(image, where)
         (w, h), _ = info[name]
         if not (0 <= x < w and 0 <= y < h):
@@ -188,8 +188,8 @@ def read_geojson(path, info, field=None):
             points.append((where, x, y, value))
     if crs is None and points and not any(on_images(info, x, y) for _, x, y, _ in points) and \
             all(abs(x) <= 180 and abs(y) <= 90 for _, x, y, _ in points):
-        print(f"{path}: no crs member, and its points lie on no image but within longitude and latitude: read "
-              "as RFC 7946 GeoJSON, longitude and latitude on WGS 84")
+        print(f"{path}: no crs member, and its points lie on no image but within longitude and latitude: "
+              "read as RFC 7946 GeoJSON, longitude and latitude on WGS 84")
         crs = LONLAT
     return place(points, info, crs, path)
 
@@ -230,7 +230,8 @@ def place(points, info, crs, path):
     for k, (where, x, y, value) in enumerate(points):
         if not (math.isfinite(x) and math.isfinite(y)):
             raise DataError(f"{where}: coordinates ({x}, {y}) are not finite numbers")
-        hit = next((h for n, (size, world, xy) in moved.items() if (h := locate([(n, size, world)], *xy[k]))), None)
+        hits = (locate([(n, size, world)], *xy[k]) for n, (size, world, xy) in moved.items())
+        hit = next((h for h in hits if h), None)
         if hit is None:
             off += 1
         else:
@@ -245,8 +246,8 @@ def transform(source, target, xy, path):
     try:
         import pyproj
     except ImportError:
-        raise DataError(f"{path}: its points are in {source}, the images in another system: moving them needs "
-                        "pyproj (pip install pyproj)")
+        raise DataError(f"{path}: its points are in {source}, the images in another system: moving them "
+                        "needs pyproj (pip install pyproj)")
     try:
         t = pyproj.Transformer.from_crs(source, target, always_xy=True)  # x = longitude or easting
         xs, ys = t.transform([p[0] for p in xy], [p[1] for p in xy])

@@ -87,7 +87,8 @@ def georeference(path, tags, size):
     wkt = prj.read_text(errors="replace") if prj else aux.get("crs")
     named = re.search(r'AUTHORITY\["EPSG",\s*"(\d+)"\]\]\s*$', wkt or "")  # the code of the whole system
     crs = f"EPSG:{code}" if code and code != 32767 else f"EPSG:{named.group(1)}" if named else wkt
-    return {"tags": tags, "world": world, "prj": prj, "crs": crs, "pixel_m2": pixel_area(world, keys, wkt, size)}
+    return {"tags": tags, "world": world, "prj": prj, "crs": crs,
+            "pixel_m2": pixel_area(world, keys, wkt, size)}
 
 
 def map_to_pixel(world, x, y):

@@ -112,7 +112,8 @@ def read_mask(path, colours, shape):
     s = scene.read_scene(path)
     samples, n = s["samples"], len(colours)
     if samples.shape[:2] != shape:
-        raise DataError(f"{path}: mask is {samples.shape[1]}x{samples.shape[0]}, its image is {shape[1]}x{shape[0]}")
+        raise DataError(f"{path}: mask is {samples.shape[1]}x{samples.shape[0]}, its image is "
+                        f"{shape[1]}x{shape[0]}")
     if samples.shape[2] == 1 and samples.dtype.kind == "u":
         present = np.flatnonzero(np.bincount(samples.ravel()))
         greys = {r for r, g, b in colours if r == g == b}
@@ -134,8 +135,8 @@ def read_mask(path, colours, shape):
         _, counts = np.unique(code[unknown], return_counts=True)
         share = 1 - (unknown.sum() - counts.max()) / mask.size
         if share < 0.9:
-            print(f"warning: {path}: only {share:.0%} of the mask's pixels have a colour of classes.json or its "
-                  "background colour: a mask saved as JPEG, or drawn with another palette?")
+            print(f"warning: {path}: only {share:.0%} of the mask's pixels have a colour of classes.json or "
+                  "its background colour: a mask saved as JPEG, or drawn with another palette?")
     return mask, int(unknown.sum())
 
 
@@ -147,8 +148,8 @@ def read_images(files, colours=None, bands=None):
     for _, path in files:
         image, valid = read_image(path, bands)
         if images and image.shape[2] != images[0].shape[2]:
-            raise DataError(f"{path}: has {image.shape[2]} band(s), {files[0][1]} {images[0].shape[2]}: choose the "
-                            "same bands of each with --bands")
+            raise DataError(f"{path}: has {image.shape[2]} band(s), {files[0][1]} {images[0].shape[2]}: "
+                            "choose the same bands of each with --bands")
         mask = None
         if colours is not None:
             if not mask_path(path).exists():
@@ -230,7 +231,8 @@ def run_data(args, root):
     if args.point_labels:
         info = {n: scene.image_info(p) for n, p, _ in files}
         known = classes and classes[0]
-        by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field, args.points_crs)
+        by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field,
+                                             args.points_crs)
         classes = classes or (names, default_colours(len(names)))
     train, val = choose_split(args, root, files, set(by_image) | has_mask if args.point_labels else has_mask)
     if args.point_labels:  # training images without a click teach nothing

@@ -40,7 +40,8 @@ def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fal
     for k, y in enumerate(ys):
         strip = image[y : y + wh]
         strip = np.pad(strip, ((0, wh - len(strip)), (0, 0), (0, 0)), mode="symmetric")  # past the bottom
-        acc = sliding_window(model, strip, dtype, window, overlap, tta, norm).mul_(weight[:, None])  # (C, wh, W)
+        acc = sliding_window(model, strip, dtype, window, overlap, tta, norm)  # (C, wh, W)
+        acc.mul_(weight[:, None])
         wsum = weight.clone()
         if carry is not None:
             acc[:, : len(carry[1])] += carry[0]
@@ -90,7 +91,8 @@ def map_scene(model, meta, dtype, path, stem, bands=None, show=None, tta=False, 
             gap[~s["valid"]] = np.inf
     geo = s["geo"]
     written = [write_mask(colourize(pred, meta["colours"]), stem, geo)]
-    written.append(write_overlay(scene.display(s["samples"], s["valid"], show), pred, meta["colours"], stem, geo))
+    shown = scene.display(s["samples"], s["valid"], show)  # what a person sees of the scene
+    written.append(write_overlay(shown, pred, meta["colours"], stem, geo))
     areas = class_areas(pred, meta["classes"], geo["pixel_m2"] if geo else None)
     return {"pred": pred, "margin": gap, "geo": geo, "areas": areas, "written": written}
 
@@ -100,13 +102,14 @@ def check_out(out, overwrite, suggest):
     write suggestions over ones in which a person has filled in a class; then try the folder for writing."""
     held = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
     if held and not overwrite:
-        raise DataError(f"--out {out}: already holds maps ({', '.join(held[:3])}{', ...' * (len(held) > 3)}); "
-                        "--overwrite writes over them, or choose another folder")
+        some = ", ".join(held[:3]) + ", ..." * (len(held) > 3)
+        raise DataError(f"--out {out}: already holds maps ({some}); --overwrite writes over them, or choose "
+                        "another folder")
     for name in ("suggestions.csv", "suggestions.geojson") if suggest else ():
         filled = clicks.filled_in(out / name)
         if filled:
-            raise DataError(f"{out / name}: {filled} suggestion(s) have a class filled in, a person's work, which "
-                            "is never written over: move the file away or choose another --out")
+            raise DataError(f"{out / name}: {filled} suggestion(s) have a class filled in, a person's work, "
+                            "which is never written over: move the file away or choose another --out")
     check_writable(out, "--out")
 
 
@@ -156,11 +159,12 @@ def class_areas(pred, names, pixel_m2):
     for y in range(0, len(pred), 256):  # in strips: bincount works on a 64-bit copy of what it counts
         strip = pred[y : y + 256].astype(np.int64)
         rows = np.arange(len(strip))[:, None] * 256  # (row, class) counted at once; IGNORE counts nowhere
-        per_row = np.bincount((rows + strip).ravel(), minlength=256 * len(strip)).reshape(-1, 256)[:, : len(names)]
+        per_row = np.bincount((rows + strip).ravel(), minlength=256 * len(strip)).reshape(-1, 256)
+        per_row = per_row[:, : len(names)]
         counts += per_row.sum(0)
         if pixel_m2 is not None:
-            area = np.broadcast_to(np.asarray(pixel_m2, np.float64)[y : y + 256] if np.ndim(pixel_m2) else pixel_m2,
-                                   len(strip))
+            area = np.asarray(pixel_m2, np.float64)[y : y + 256] if np.ndim(pixel_m2) else pixel_m2
+            area = np.broadcast_to(area, len(strip))
             m2 += (per_row * area[:, None]).sum(0)
     total = max(int(counts.sum()), 1)
     return [(n, int(c), f"{c / total:.4f}", f"{a / 1e4:.4f}" if pixel_m2 is not None else "")

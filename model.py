@@ -92,8 +92,8 @@ def model_input(s, meta, bands=None):
         print(f"{n} band(s) of {kind}: the model's were 8-bit RGB; it is given the picture a person sees")
         return scene.display(s["samples"], s["valid"], bands or (trained if n >= 3 else None)), "imagenet"
     if meta["norm"] != "imagenet" and kind != np.dtype(meta["dtype"]):  # reflectance as 0-1 or as 0-10000?
-        print(f"warning: {kind} samples, the model learnt from {meta['dtype']}: if their units differ, so does "
-              "the map")
+        print(f"warning: {kind} samples, the model learnt from {meta['dtype']}: if their units differ, so "
+              "does the map")
     if bands and len(bands) != len(trained):
         raise DataError(f"--bands {','.join(map(str, bands))}: the model takes {len(trained)} bands")
     if not bands and meta["args"].get("bands") is None and n != len(trained):  # trained on all bands

@@ -109,9 +109,10 @@ def save_run(out, model, optimizer, meta, history, args, ema=None):
     except (OSError, RuntimeError) as e:  # a full disk: torch.save says so as a RuntimeError
         (out / "metrics.json.tmp").unlink(missing_ok=True)
         free = shutil.disk_usage(out).free / 1e6
-        raise DataError(f"{out}: cannot write the checkpoint of epoch {history[-1]['epoch']} ("
-                        f"{getattr(e, 'strerror', None) or 'write failed'}; {free:.0f} MB free on its disk); the last "
-                        f"whole checkpoint: {last_checkpoint(out, history[:-1])}")
+        why = getattr(e, "strerror", None) or "write failed"
+        raise DataError(f"{out}: cannot write the checkpoint of epoch {history[-1]['epoch']} ({why}; "
+                        f"{free:.0f} MB free on its disk); the last whole checkpoint: "
+                        f"{last_checkpoint(out, history[:-1])}")
 
 
 def last_checkpoint(out, history):

@@ -73,17 +73,18 @@ def check_size(path, w, h, bands, itemsize):
     if min(w, h, bands) < 1:
         raise DataError(f"{path}: its header says {w}x{h} pixels of {bands} band(s): no pixels to read")
     if w * h > MAX_MEGAPIXELS * 1e6:
-        raise DataError(f"{path}: {w}x{h} pixels ({w * h / 1e6:.0f} MP) is past the limit of {MAX_MEGAPIXELS:g} "
-                        f"MP, a guard against damaged files; to read it, set MAX_MEGAPIXELS={w * h // 10**6 + 1}")
+        raise DataError(f"{path}: {w}x{h} pixels ({w * h / 1e6:.0f} MP) is past the limit of "
+                        f"{MAX_MEGAPIXELS:g} MP, a guard against damaged files; to read it, set "
+                        f"MAX_MEGAPIXELS={w * h // 10**6 + 1}")
     stored, size = w * h * bands * itemsize, os.path.getsize(path)
     if stored > 3000 * size:  # deflate packs 1032 bytes in one at best, LZW about 2700, JPEG far fewer
-        raise DataError(f"{path}: damaged or hostile header: {w}x{h} pixels of {bands} band(s) cannot come out of "
-                        f"{size} bytes")
+        raise DataError(f"{path}: damaged or hostile header: {w}x{h} pixels of {bands} band(s) cannot come "
+                        f"out of {size} bytes")
     need = w * h * (2 * bands * itemsize + 12)  # decoded twice (Pillow's copy), then the map's arrays
     free = free_memory()
     if free is not None and need > free:
-        raise DataError(f"{path}: {w}x{h} pixels of {bands} band(s) need about {need / 1e6:,.0f} MB of memory, "
-                        f"this machine has {free / 1e6:,.0f} MB free")
+        raise DataError(f"{path}: {w}x{h} pixels of {bands} band(s) need about {need / 1e6:,.0f} MB of "
+                        f"memory, this machine has {free / 1e6:,.0f} MB free")
 
 
 def free_memory():
@@ -110,11 +111,12 @@ def pixels_of(path, tags):
     except OSError as e:
         if not tags:
             raise
-        raise DataError(f"{path}: TIFF compression {tags.get(259, 1)}, {tags.get(277, 1)} band(s) of "
-                        f"{tags.get(258, (1,))[0]} bits: neither read here (uncompressed, deflate, LZW) nor by Pillow "
-                        f"({e}); convert it, e.g. gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
+        layout = f"TIFF compression {tags.get(259, 1)}, {tags.get(277, 1)} band(s) of {tags.get(258, (1,))[0]} bits"
+        raise DataError(f"{path}: {layout}: neither read here (uncompressed, deflate, LZW) nor by Pillow ({e}); "
+                        "convert it, e.g. gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
     with im:
-        check_size(path, *im.size, len(im.getbands()), {"I": 4, "F": 4}.get(im.mode, 1 + im.mode.startswith("I;16")))
+        itemsize = {"I": 4, "F": 4}.get(im.mode, 1 + im.mode.startswith("I;16"))
+        check_size(path, *im.size, len(im.getbands()), itemsize)
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L", "RGB", "RGBX", "RGBA", "LA"):
             samples, alpha = np.asarray(im), im.mode in ("RGBA", "LA")
         else:  # palette, CMYK, YCbCr, 1-bit...: Pillow's conversion
@@ -191,7 +193,8 @@ def jpeg_mask(path, shape):
         bits = zlib.decompressobj().decompress(f.read(), math.ceil(shape[0] * shape[1] / 8))
     if len(bits) * 8 < shape[0] * shape[1]:
         raise DataError(f"{path}: damaged GDAL mask after the JPEG ({len(bits)} bytes)")
-    return np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")[: shape[0] * shape[1]].reshape(shape)
+    flat = np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")
+    return flat[: shape[0] * shape[1]].reshape(shape)
 
 
 # ---------------------------------------------------------------------------- TIFF
@@ -261,7 +264,8 @@ def tiff_samples(path, tags):
             f.seek(offsets[k])
             raw = decompress(f.read(counts[k]), compression, rows * row_bytes, row_bytes)
             if len(raw) < rows * row_bytes:
-                raise DataError(f"{path}: damaged TIFF: block {k} holds {len(raw)} bytes of {rows * row_bytes}")
+                raise DataError(f"{path}: damaged TIFF: block {k} holds {len(raw)} bytes of "
+                                f"{rows * row_bytes}")
             block = unpredict(raw[: rows * row_bytes], predictor, dtype, rows, bw, s, bits)
             rows, cols = min(rows, h - y0), min(bw, w - x0)
             out[y0 : y0 + rows, x0 : x0 + cols, plane * s : plane * s + s] = block[:rows, :cols]
@@ -320,7 +324,8 @@ def display(samples, valid, show=None, low=2, high=98):
         scale = 255 / np.maximum(hi - lo, 1e-12)
         out = np.empty(samples.shape[:2] + (3,), np.uint8)
         for y in range(0, len(samples), 256):  # in strips: a float copy of a whole scene could be gigabytes
-            out[y : y + 256] = np.clip((samples[y : y + 256, :, picked] - lo) * scale, 0, 255).astype(np.uint8)
+            strip = (samples[y : y + 256, :, picked] - lo) * scale
+            out[y : y + 256] = np.clip(strip, 0, 255).astype(np.uint8)
     if valid is not None:
         out = np.where(valid[..., None], out, np.uint8(0))
     return np.ascontiguousarray(out)

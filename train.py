@@ -243,8 +243,8 @@ def main(argv=None):
     try:
         for epoch in range(start, args.epochs):
             t0 = time.time()
-            loss, speed = train_epoch(net, loader, optimizer, device, dtype, d["norm"], args, epoch, class_weights,
-                                      ema)
+            loss, speed = train_epoch(net, loader, optimizer, device, dtype, d["norm"], args, epoch,
+                                      class_weights, ema)
             if rank == 0:
                 t1 = time.time()
                 s, folded = validate(shown, meta, d["val"], dtype)
@@ -287,7 +287,8 @@ def write_labels(out, d, labels, points, show):
 def check_labels(n_labels, args):
     """A run with no labelled pixel would learn nothing and say "done": refused before anything is written."""
     if n_labels == 0:
-        where = "its clicks" if args.point_labels else "its masks (do their colours or values match classes.json?)"
+        where = "its masks (do their colours or values match classes.json?)"
+        where = "its clicks" if args.point_labels else where
         raise DataError(f"no training pixel has a label: nothing to learn from; see {where}")
 
 
@@ -342,10 +343,10 @@ def get_args(argv=None):
     add("--val-tiles", default="", help="comma list of the tiles to validate on (default: the last)")
     add("--val-images", type=int, help="in a folder without tiles, how many labelled images, chosen by the "
         "seed, are held out whole for validation (default: a fifth, at least 1 of 2 or more)")
-    add("--bands", default="", help="the bands the network learns from, counted from 1, e.g. 1,2,3,4 (default: "
-        "all the images' bands)")
-    add("--show-bands", default="", help="the bands shown as red,green,blue in the run's pictures, e.g. 4,1,2 "
-        "for false colour; kept for predict.py and label.py (default: 1,2,3, or band 1 as grey)")
+    add("--bands", default="", help="the bands the network learns from, counted from 1, e.g. 1,2,3,4 "
+        "(default: all the images' bands)")
+    add("--show-bands", default="", help="the bands shown as red,green,blue in the run's pictures, e.g. "
+        "4,1,2 for false colour; kept for predict.py and label.py (default: 1,2,3, or band 1 as grey)")
     add("--points-crs", help="the coordinate system of a CSV's x,y map coordinates (no image column), e.g. "
         "EPSG:32640; lon,lat columns are EPSG:4326 (needs pyproj)")
     add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")
