@@ -111,9 +111,9 @@ def pixels_of(path, tags):
     except OSError as e:
         if not tags:
             raise
-        layout = f"TIFF compression {tags.get(259, 1)}, {tags.get(277, 1)} band(s) of {tags.get(258, (1,))[0]} bits"
-        raise DataError(f"{path}: {layout}: neither read here (uncompressed, deflate, LZW) nor by Pillow ({e}); "
-                        "convert it, e.g. gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
+        kind = f"TIFF compression {tags.get(259, 1)}, {tags.get(277, 1)} band(s) of {tags.get(258, (1,))[0]}"
+        raise DataError(f"{path}: {kind} bits: neither read here (uncompressed, deflate, LZW) nor by Pillow "
+                        f"({e}); convert it, e.g. gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
     with im:
         itemsize = {"I": 4, "F": 4}.get(im.mode, 1 + im.mode.startswith("I;16"))
         check_size(path, *im.size, len(im.getbands()), itemsize)
