@@ -287,9 +287,8 @@ def write_labels(out, d, labels, points, show):
 def check_labels(n_labels, args):
     """A run with no labelled pixel would learn nothing and say "done": refused before anything is written."""
     if n_labels == 0:
-        where = "its masks (do their colours or values match classes.json?)"
-        where = "its clicks" if args.point_labels else where
-        raise DataError(f"no training pixel has a label: nothing to learn from; see {where}")
+        raise DataError("no training pixel has a label: nothing to learn from; see " + ("its clicks" if
+                        args.point_labels else "its masks (do their colours or values match classes.json?)"))
 
 
 def make_loader(dataset, args, device, rank, world):
