@@ -84,7 +84,7 @@ def map_scene(model, meta, dtype, path, stem, bands=None, show=None, tta=False, 
     except DataError as e:
         raise DataError(f"{path}: {e}")
     pred, gap = map_in_bands(model, image, dtype, tta, margin, progress=True, norm=norm)
-    del image  # the samples stay for the picture
+    del image  # where bands were picked, a copy: gone before the picture is made
     if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
         pred[~s["valid"]] = IGNORE
         if gap is not None:

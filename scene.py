@@ -314,7 +314,7 @@ def display(samples, valid, show=None, low=2, high=98):
         raise DataError(f"--show-bands {','.join(map(str, show))}: the scene has {n} band(s)")
     picked = [b - 1 for b in (show * 3 if len(show) == 1 else show)]
     if samples.dtype == np.uint8:
-        out = samples[..., picked]
+        out = samples if picked == [0, 1, 2] and n == 3 else samples[..., picked]  # no copy of a photo
     else:
         step = max(1, int(math.sqrt(samples.shape[0] * samples.shape[1] / 1e6)))  # a million pixels suffice
         sub = samples[::step, ::step][..., picked].reshape(-1, 3)
