@@ -61,9 +61,8 @@ def stratified(counts, mapped):
 
 
 def allocate(pixels, size, least=50):
-    """Points per stratum: each class `least` (or all its pixels, if fewer), the rest in proportion to
-    the pixels mapped, rounded by largest remainder; never more points than pixels (Olofsson et al.
-    2014, section 5.1.2: proportional allocation shifted towards the rare classes)."""
+    """Points per stratum, as Olofsson et al. (2014) recommend: each class `least` (or all its pixels,
+    if fewer), the rest in proportion to the pixels mapped (largest remainders); never more than pixels."""
     pixels = np.asarray(pixels, np.int64)
     n = np.minimum(pixels, least)
     while n.sum() < size:
@@ -93,27 +92,27 @@ def read_mask(path):
 def read_areas(maps):
     """MAPS/areas.csv -> (class names, [(image, mask name, pixels per class, hectares per class or None)])."""
     path = Path(maps) / "areas.csv"
+    images = {}  # (image, mask) -> [(class, pixels, hectares as written)]
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        images = {}
-        for r in rows:
-            images.setdefault((r["image"], r["mask"]), []).append((r["class"], int(r["pixels"]), r["hectares"]))
+            for r in csv.DictReader(f):
+                row = (r["class"], int(r["pixels"]), r["hectares"])
+                images.setdefault((r["image"], r["mask"]), []).append(row)
     except FileNotFoundError:
         raise DataError(f"{path}: not found (map images with predict.py --out {maps} first)")
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{path}: expected the columns image,class,pixels,share,hectares,mask of predict.py")
-    if not images:
-        raise DataError(f"{path}: no mapped image")
-    classes = [c for c, _, _ in next(iter(images.values()))]
     out = []
     for (image, mask), rows in images.items():
-        if [c for c, _, _ in rows] != classes:
-            raise DataError(f"{path}: {image} has other classes than {next(iter(images))[0]}")
+        names, pixels, hectares = zip(*rows)
+        if out and list(names) != classes:
+            raise DataError(f"{path}: {image} has other classes than {out[0][0]}")
         if not (Path(maps) / mask).exists():
             raise DataError(f"{Path(maps) / mask}: not found (the mask of {image} in {path})")
-        ha = [float(h) for _, _, h in rows] if all(h for _, _, h in rows) else None
-        out.append((image, mask, [p for _, p, _ in rows], ha))
+        classes = list(names)
+        out.append((image, mask, list(pixels), [float(h) for h in hectares] if all(hectares) else None))
+    if not out:
+        raise DataError(f"{path}: no mapped image")
     return classes, out
 
 
@@ -148,6 +147,7 @@ def draw(maps, images, n, rng):
 
 
 def check_counts(mask, pixels, name, table):
+    """Refuse a mask whose pixels per class are not those counted when the sample was drawn."""
     counted = sum(np.bincount(mask[y : y + STRIP].ravel(), minlength=256) for y in range(0, len(mask), STRIP))
     if list(counted[: len(pixels)]) != list(pixels):
         raise DataError(f"{name}: its pixels per class differ from those in {table} (mapped again since?)")
@@ -159,12 +159,12 @@ def sample(args):
     pixels = np.sum([px for _, _, px, _ in images], axis=0)
     least = np.minimum(pixels, args.min_per_class).sum()
     if args.size < least:
-        raise DataError(f"--size {args.size}: fewer than the minimum, {args.min_per_class} points for each of "
-                        f"{(pixels > 0).sum()} mapped classes ({least})")
+        raise DataError(f"--size {args.size}: fewer than the minimum, {args.min_per_class} points for each "
+                        f"of {(pixels > 0).sum()} mapped classes ({least})")
     if args.size > pixels.sum():
         raise DataError(f"--size {args.size}: more points than the {pixels.sum()} mapped pixels")
     out = maps / "sample.csv"
-    if out.exists() and any(r.get("class", "").strip() for r in csv.DictReader(open(out, newline=""))):
+    if out.exists() and any(r[5] for r in read_labels([out])):
         raise DataError(f"{out}: already holds labelled points; move it away to draw a new sample")
     n = allocate(pixels, args.size, args.min_per_class)
     points = draw(maps, images, n, np.random.default_rng(args.seed))
@@ -185,6 +185,7 @@ def sample(args):
     written = ", ".join(str(p) for p in written + [maps / "strata.json"] if p)
     print(f"{len(points)} points -> {written}: fill in 'class' (names as in areas.csv), then "
           f"python assess.py estimate {maps}")
+    return 0
 
 
 def write_geojson(maps, images, points):
@@ -242,77 +243,71 @@ def estimate(args):
         raise DataError(f"{path}: not a strata table written by assess.py sample")
     files = args.sample or [maps / "sample.csv"]
     rows = read_labels(files)
-    index = {name: i for i, name in enumerate(classes)}
-    numbers = {}
+    index, seen = {name: i for i, name in enumerate(classes)}, set()
     for where, k, image, x, y, label in rows:
-        if not 1 <= k <= len(drawn) or k in numbers:
-            raise DataError(f"{where}: sample {k} is {'twice in the files' if k in numbers else 'not in ' + str(path)}")
+        if not 1 <= k <= len(drawn) or k in seen:
+            raise DataError(f"{where}: sample {k} is {'twice' if k in seen else 'not in ' + str(path)}")
+        if image not in {m["image"] for m in masks}:
+            raise DataError(f"{where}: image {image!r} is not one of the masks of {path}")
         if label and label not in index:
             raise DataError(f"{where}: class {label!r} is not a class of the map ({', '.join(classes)})")
-        numbers[k] = where
+        seen.add(k)
     unlabelled = len(drawn) - sum(bool(r[5]) for r in rows)
     if unlabelled:
         raise DataError(f"{unlabelled} of the {len(drawn)} points of {path} have no class yet in "
                         f"{', '.join(map(str, files))}: label every point (the estimate needs them all)")
-    mapped = lookup(maps, masks, rows, classes)
-    for (where, k, image, x, y, _), c in zip(rows, mapped):
+    mapped = lookup(maps, masks, rows)
+    for where, k, image, x, y, _ in rows:
         if [image, x, y] != drawn[k - 1]:
             raise DataError(f"{where}: sample {k} is {image} ({x}, {y}), but {drawn[k - 1][0]} "
                             f"({drawn[k - 1][1]}, {drawn[k - 1][2]}) in {path}")
     counts = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(counts, (mapped, [index[r[5]] for r in rows]), 1)
     pixels = np.asarray(strata["pixels"])
-    few = [f"{classes[i]} {counts[i].sum()}" for i in range(len(classes)) if pixels[i] and counts[i].sum() < 2]
+    few = ", ".join(f"{name} {n}" for name, n, N in zip(classes, counts.sum(1), pixels) if N and n < 2)
     if few:
-        raise DataError(f"{path}: a stratum needs 2 points or more for a variance; points of {', '.join(few)}")
+        raise DataError(f"{path}: a stratum needs 2 points or more for a variance; points of {few}")
     result = report(stratified(counts, pixels), counts, strata, files)
     (maps / "accuracy.json").write_text(json.dumps(result, indent=1))
     print_report(result)
     print(f"-> {maps / 'accuracy.json'}")
+    return 0
 
 
-def lookup(maps, masks, rows, classes):
-    """The map class at each point, read again in the masks (checked against the strata table)."""
-    at = {m["image"]: [] for m in masks}
-    for k, (where, _, image, x, y, _) in enumerate(rows):
-        if image not in at:
-            raise DataError(f"{where}: image {image!r} is not one of the masks of {maps / 'strata.json'}")
-        at[image].append(k)
+def lookup(maps, masks, rows):
+    """The map class at each labelled point, read again in the masks (as they were when drawn from)."""
     mapped = np.zeros(len(rows), np.int64)
     for m in masks:
         mask = read_mask(Path(maps) / m["mask"])
         check_counts(mask, m["pixels"], Path(maps) / m["mask"], "strata.json")
-        for k in at[m["image"]]:
-            where, _, image, x, y, _ = rows[k]
-            if not (0 <= x < mask.shape[1] and 0 <= y < mask.shape[0]) or mask[y, x] == IGNORE:
-                raise DataError(f"{where}: ({x}, {y}) is on no data (or off) in {m['mask']}")
-            mapped[k] = mask[y, x]
+        for k, (where, _, image, x, y, _) in enumerate(rows):
+            if image == m["image"]:
+                if not (0 <= x < mask.shape[1] and 0 <= y < mask.shape[0]) or mask[y, x] == IGNORE:
+                    raise DataError(f"{where}: ({x}, {y}) is on no data (or off) in {m['mask']}")
+                mapped[k] = mask[y, x]
     return mapped
 
 
 def interval(estimate, se, scale=1.0):
     """-> {estimate, se, ci95: [low, high]}, times `scale`; None where there is nothing to tell."""
-    if not np.isfinite(estimate):
-        return None
     e, s = float(estimate * scale), float(se * scale)
-    return {"estimate": e, "se": s, "ci95": [e - Z95 * s, e + Z95 * s]}
+    return {"estimate": e, "se": s, "ci95": [e - Z95 * s, e + Z95 * s]} if np.isfinite(e) else None
 
 
 def report(r, counts, strata, files):
-    """The estimates -> the dict written to accuracy.json."""
-    ha = strata["hectares_per_pixel"]
-    unit, total = ("hectares", sum(strata["pixels"]) * ha) if ha else ("pixels", sum(strata["pixels"]))
-    per_class = {}
-    for c, name in enumerate(strata["classes"]):
-        per_class[name] = {"mapped_area": strata["pixels"][c] * (ha or 1), "points": int(counts[c].sum()),
-                           "estimated_area": interval(r["area"][c], r["area_se"][c], total),
-                           "users_accuracy": interval(r["users"][c], r["users_se"][c]),
-                           "producers_accuracy": interval(r["producers"][c], r["producers_se"][c])}
-    return {"method": "stratified estimation, Olofsson et al. (2014) eqs. 1-11; 95% interval = +- 1.96 SE",
-            "unit": unit, "sample": [str(f) for f in files], "seed": strata["seed"], "points": int(counts.sum()),
-            "overall_accuracy": interval(r["overall"], r["overall_se"]), "classes": per_class,
-            "error_matrix": {"rows": "map class", "columns": "reference class (the labels)",
-                             "area_proportions": r["matrix"].tolist(), "points": counts.tolist()}}
+    """The estimates -> the dict written to accuracy.json; areas in hectares, or in pixels if unknown."""
+    ha, pixels = strata["hectares_per_pixel"], strata["pixels"]
+    classes = {name: {"mapped_area": pixels[c] * (ha or 1), "points": int(counts[c].sum()),
+                      "estimated_area": interval(r["area"][c], r["area_se"][c], sum(pixels) * (ha or 1)),
+                      "users_accuracy": interval(r["users"][c], r["users_se"][c]),
+                      "producers_accuracy": interval(r["producers"][c], r["producers_se"][c])}
+               for c, name in enumerate(strata["classes"])}
+    return {"method": "stratified estimation, Olofsson et al. (2014) eqs. 1-11; ci95 = estimate +- 1.96 se",
+            "unit": "hectares" if ha else "pixels", "sample": list(map(str, files)), "seed": strata["seed"],
+            "points": int(counts.sum()), "overall_accuracy": interval(r["overall"], r["overall_se"]),
+            "classes": classes, "error_matrix": {"rows": "map class", "columns": "reference class (labels)",
+                                                 "area_proportions": r["matrix"].tolist(),
+                                                 "points": counts.tolist()}}
 
 
 def print_report(result):
@@ -321,11 +316,11 @@ def print_report(result):
 
     unit, digits = result["unit"], 2 if result["unit"] == "hectares" else 0
     print(f"{result['points']} labelled points, seed {result['seed']}; +- is the 95% interval (1.96 SE)")
-    print(f"{'class':<22}{'mapped ' + unit:>16}  {'estimated ' + unit + ' (error-adjusted)':>34}"
-          f"  {'user' + chr(39) + 's acc.':>14}  {'producer' + chr(39) + 's acc.':>14}")
+    print(f"{'class':<22}{'mapped ' + unit:>16}{'estimated ' + unit + ' (error-adjusted)':>36}"
+          f"{'user accuracy':>16}{'producer accuracy':>20}")
     for name, c in result["classes"].items():
-        print(f"{name:<22}{c['mapped_area']:>16.{digits}f}  {pm(c['estimated_area'], digits):>34}"
-              f"  {pm(c['users_accuracy'], 3):>14}  {pm(c['producers_accuracy'], 3):>14}")
+        print(f"{name:<22}{c['mapped_area']:>16.{digits}f}{pm(c['estimated_area'], digits):>36}"
+              f"{pm(c['users_accuracy'], 3):>16}{pm(c['producers_accuracy'], 3):>20}")
     print(f"overall accuracy {pm(result['overall_accuracy'], 3)}")
     print("error matrix in area proportions (rows: map class, columns: reference class):")
     for name, row in zip(result["classes"], result["error_matrix"]["area_proportions"]):
@@ -333,24 +328,27 @@ def print_report(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Accuracy and area of a map from a stratified random sample of "
-                                "its pixels (Olofsson et al. 2014).")
+    p = argparse.ArgumentParser(description="Accuracy and area of a map from a stratified random sample "
+                                "of its pixels (Olofsson et al. 2014).")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="draw the points for a person to label -> MAPS/sample.csv, strata.json")
     s.add_argument("maps", help="the --out folder of predict.py: masks and areas.csv")
     s.add_argument("--size", type=int, required=True, help="number of points in all, e.g. 600")
     s.add_argument("--min-per-class", type=int, default=50,
-                   help="points of each mapped class at least (all its pixels if fewer) (default: %(default)s)")
+                   help="points of each mapped class at least, or all its pixels if fewer (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed, kept in strata.json (default: %(default)s)")
     e = sub.add_parser("estimate", help="accuracy and areas from the labelled sample -> MAPS/accuracy.json")
-    e.add_argument("maps", help="the folder that sample wrote to")
+    e.add_argument("maps", help="the folder that `sample` wrote to")
     e.add_argument("--sample", nargs="+", default=None,
-                   help="the labelled sample: CSV or GeoJSON files, together (default: MAPS/sample.csv)")
+                   help="the labelled sample: CSV or GeoJSON files, taken together (default: MAPS/sample.csv)")
     args = p.parse_args(argv)
-    if args.command == "sample" and args.min_per_class < 2:
-        raise DataError(f"--min-per-class {args.min_per_class}: at least 2 (a stratum's variance needs 2 points)")
-    (sample if args.command == "sample" else estimate)(args)
-    return 0
+    if args.command == "estimate":
+        return estimate(args)
+    for flag, value, least in [("--size", args.size, 1), ("--min-per-class", args.min_per_class, 2),
+                               ("--seed", args.seed, 0)]:  # 2 per class: a stratum's variance needs them
+        if value < least:
+            raise DataError(f"{flag} {value}: must be {least} or more")
+    return sample(args)
 
 
 if __name__ == "__main__":

@@ -1566,7 +1566,7 @@ def test_estimate_end_to_end_from_a_sample_labelled_by_a_script(tmp_path, capsys
     assert result["error_matrix"]["points"] == counts.tolist()
     expected = assess.stratified(counts, strata["pixels"])
     ha = sum(strata["pixels"]) * 0.25 / 1e4
-    assert result["unit"] == "hectares" and strata["hectares_per_pixel"] == 0.25 / 1e4
+    assert result["unit"] == "hectares" and strata["hectares_per_pixel"] == pytest.approx(0.25 / 1e4)
     assert result["overall_accuracy"]["estimate"] == pytest.approx(expected["overall"])
     for c, name in enumerate(["Water", "Land", "Road"]):
         got = result["classes"][name]
@@ -1618,7 +1618,7 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 
     refused(["sample", str(tmp_path), "--size", "40"], "areas.csv: not found")
     refused(sample[:3] + ["20"] + sample[4:], r"--size 20: fewer than the minimum, 10 points for each of 3 mapped classes \(30\)")
-    refused(sample + ["--min-per-class", "1"], "--min-per-class 1: at least 2")
+    refused(sample + ["--min-per-class", "1"], "--min-per-class 1: must be 2 or more")
     refused(["estimate", str(out)], r"strata.json: not found \(draw the sample")
     assert assess.main(sample) == 0
     label_sample(out / "sample.csv", truths, out=labelled)
