@@ -92,11 +92,11 @@ def read_mask(path):
 def read_areas(maps):
     """MAPS/areas.csv -> (class names, [(image, mask name, pixels per class, hectares per class or None)])."""
     path = Path(maps) / "areas.csv"
-    images = {}  # (image, mask) -> [(class, pixels, hectares as written)]
+    images = {}  # (image, mask) -> [(class, pixels, hectares or None)]
     try:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                row = (r["class"], int(r["pixels"]), r["hectares"])
+                row = (r["class"], int(r["pixels"]), float(r["hectares"]) if r["hectares"] else None)
                 images.setdefault((r["image"], r["mask"]), []).append(row)
     except FileNotFoundError:
         raise DataError(f"{path}: not found (map images with predict.py --out {maps} first)")
@@ -110,7 +110,7 @@ def read_areas(maps):
         if not (Path(maps) / mask).exists():
             raise DataError(f"{Path(maps) / mask}: not found (the mask of {image} in {path})")
         classes = list(names)
-        out.append((image, mask, list(pixels), [float(h) for h in hectares] if all(hectares) else None))
+        out.append((image, mask, list(pixels), None if None in hectares else list(hectares)))
     if not out:
         raise DataError(f"{path}: no mapped image")
     return classes, out
