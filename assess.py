@@ -31,8 +31,8 @@ from PIL import Image
 
 import scene
 from cli import DataError, command_line
-from data import IGNORE
 
+IGNORE = 255  # no data in predict.py's masks: data.IGNORE, written out so that no torch is imported
 Z95 = 1.96  # a 95% interval is the estimate +- 1.96 standard errors
 STRIP = 256  # rows of a mask looked at together: a big mask is counted and searched strip by strip
 

@@ -1515,6 +1515,7 @@ def label_sample(path, truths, names=("Water", "Land", "Road"), out=None):
 
 
 def test_the_sample_is_stratified_blind_off_no_data_and_the_same_for_a_seed(tmp_path, monkeypatch):
+    assert assess.IGNORE == data.IGNORE  # the no-data value of the masks, written out in assess.py
     out = tmp_path / "maps"
     handmade_maps(out)
     assert assess.main(["sample", str(out), "--size", "60", "--min-per-class", "12", "--seed", "4"]) == 0
