@@ -163,9 +163,10 @@ def sample(args):
                         f"of {(pixels > 0).sum()} mapped classes ({least})")
     if args.size > pixels.sum():
         raise DataError(f"--size {args.size}: more points than the {pixels.sum()} mapped pixels")
+    for old in (maps / "sample.csv", maps / "sample.geojson"):  # a person's work is never overwritten
+        if old.exists() and any(r[5] for r in read_labels([old])):
+            raise DataError(f"{old}: already holds labelled points; move it away to draw a new sample")
     out = maps / "sample.csv"
-    if out.exists() and any(r[5] for r in read_labels([out])):
-        raise DataError(f"{out}: already holds labelled points; move it away to draw a new sample")
     n = allocate(pixels, args.size, args.min_per_class)
     points = draw(maps, images, n, np.random.default_rng(args.seed))
     with open(out, "w", newline="") as f:  # the mapped class is not in it: a person labels blind
@@ -335,12 +336,12 @@ def main(argv=None):
     s.add_argument("maps", help="the --out folder of predict.py: masks and areas.csv")
     s.add_argument("--size", type=int, required=True, help="number of points in all, e.g. 600")
     s.add_argument("--min-per-class", type=int, default=50,
-                   help="points of each mapped class at least, or all its pixels if fewer (default: %(default)s)")
+                   help="points per mapped class at least, all its pixels if fewer (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed, kept in strata.json (default: %(default)s)")
     e = sub.add_parser("estimate", help="accuracy and areas from the labelled sample -> MAPS/accuracy.json")
     e.add_argument("maps", help="the folder that `sample` wrote to")
     e.add_argument("--sample", nargs="+", default=None,
-                   help="the labelled sample: CSV or GeoJSON files, taken together (default: MAPS/sample.csv)")
+                   help="the labelled sample: CSV or GeoJSON files, together (default: MAPS/sample.csv)")
     args = p.parse_args(argv)
     if args.command == "estimate":
         return estimate(args)

@@ -1447,7 +1447,8 @@ def stratified_by_points(counts, mapped):
         return R, np.sqrt(v) / (w * x).sum()
 
     one, C = np.ones(len(m)), range(len(N))
-    return {"overall": ratio((m == ref) * 1.0, one), "users": [ratio((m == i) & (ref == i), m == i) for i in C],
+    return {"overall": ratio((m == ref) * 1.0, one),
+            "users": [ratio((m == i) & (ref == i), m == i) for i in C],
             "producers": [ratio((m == j) & (ref == j), ref == j) for j in C],
             "area": [ratio((ref == k) * 1.0, one) for k in C]}
 
@@ -1464,8 +1465,8 @@ def test_the_estimator_equals_weighted_means_over_the_sample_points(counts, mapp
 
 
 def test_allocation_gives_each_class_its_minimum_and_the_rest_by_area():
-    for pixels, size, least in [([10, 1000, 5, 100_000], 300, 50), (PAPER_PIXELS, 640, 75), ([3, 4, 100], 107, 50),
-                                ([60, 60, 10_000], 200, 50)]:
+    for pixels, size, least in [([10, 1000, 5, 100_000], 300, 50), (PAPER_PIXELS, 640, 75),
+                                ([3, 4, 100], 107, 50), ([60, 60, 10_000], 200, 50)]:
         n, base = assess.allocate(pixels, size, least), np.minimum(pixels, least)
         assert n.sum() == size and (n >= base).all() and (n <= pixels).all(), (pixels, n)
         room = np.array(pixels) - base
@@ -1528,8 +1529,9 @@ def test_the_sample_is_stratified_blind_off_no_data_and_the_same_for_a_seed(tmp_
     masks = {m["image"]: assess.read_mask(out / m["mask"]) for m in strata["masks"]}
     mapped = [masks[r["image"]][int(r["y"]), int(r["x"])] for r in rows]
     assert data.IGNORE not in mapped and len({(r["image"], r["x"], r["y"]) for r in rows}) == 60
-    assert np.bincount(mapped, minlength=3).tolist() == strata["points"] == [23, 24, 13]  # 12 each + 24 by area
-    assert strata["seed"] == 4 and sum(strata["pixels"]) == sum((m != data.IGNORE).sum() for m in masks.values())
+    assert np.bincount(mapped, minlength=3).tolist() == strata["points"] == [23, 24, 13]  # 12 each + by area
+    assert strata["seed"] == 4
+    assert sum(strata["pixels"]) == sum((m != data.IGNORE).sum() for m in masks.values())
     assert mapped[:12] != sorted(mapped[:12])  # the strata mixed in the order a person sees
     geo = json.loads((out / "sample.geojson").read_text())["features"]
     a = [r for r in rows if r["image"] == "scenes/a.tif"]
@@ -1573,7 +1575,8 @@ def test_estimate_end_to_end_from_a_sample_labelled_by_a_script(tmp_path, capsys
         got = result["classes"][name]
         assert got["mapped_area"] == pytest.approx(strata["pixels"][c] * 0.25 / 1e4)
         assert got["estimated_area"]["estimate"] == pytest.approx(expected["area"][c] * ha)
-        assert got["estimated_area"]["ci95"][1] == pytest.approx((expected["area"][c] + 1.96 * expected["area_se"][c]) * ha)
+        high = (expected["area"][c] + 1.96 * expected["area_se"][c]) * ha
+        assert got["estimated_area"]["ci95"][1] == pytest.approx(high)
         assert got["producers_accuracy"]["se"] == pytest.approx(expected["producers_se"][c])
     assert "mapped hectares" in printed and "estimated hectares" in printed
     # the GeoJSON of the sample, labelled in its properties, together with the CSV of the other scene
@@ -1583,8 +1586,10 @@ def test_estimate_end_to_end_from_a_sample_labelled_by_a_script(tmp_path, capsys
         p["class"] = ["Water", "Land", "Road"][truths[p["image"]][p["y"], p["x"]]]
     (tmp_path / "a.geojson").write_text(json.dumps(geo))
     with open(tmp_path / "b.csv", "w", newline="") as f:
-        csv.writer(f).writerows([list(rows[0])] + [list(r.values()) for r in rows if r["image"] == "scenes/b.jpg"])
-    assert assess.main(["estimate", str(out), "--sample", str(tmp_path / "a.geojson"), str(tmp_path / "b.csv")]) == 0
+        b = [list(r.values()) for r in rows if r["image"] != "scenes/a.tif"]
+        csv.writer(f).writerows([list(rows[0])] + b)
+    files = [str(tmp_path / "a.geojson"), str(tmp_path / "b.csv")]
+    assert assess.main(["estimate", str(out), "--sample", *files]) == 0
     again = json.loads((out / "accuracy.json").read_text())
     assert again["error_matrix"] == result["error_matrix"] and again["classes"] == result["classes"]
     # the map itself as the truth: every estimate is the mapped figure, with no error
@@ -1593,7 +1598,8 @@ def test_estimate_end_to_end_from_a_sample_labelled_by_a_script(tmp_path, capsys
     exact = json.loads((out / "accuracy.json").read_text())
     assert exact["overall_accuracy"] == {"estimate": 1.0, "se": 0.0, "ci95": [1.0, 1.0]}
     for c in exact["classes"].values():
-        assert c["estimated_area"]["estimate"] == pytest.approx(c["mapped_area"]) and c["estimated_area"]["se"] == 0
+        assert c["estimated_area"]["estimate"] == pytest.approx(c["mapped_area"])
+        assert c["estimated_area"]["se"] == 0
 
 
 def edit_sample(path, k, **values):
@@ -1618,7 +1624,8 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         assert re.match(f"error: .*{message}", err) and err.count("\n") == 1, err
 
     refused(["sample", str(tmp_path), "--size", "40"], "areas.csv: not found")
-    refused(sample[:3] + ["20"] + sample[4:], r"--size 20: fewer than the minimum, 10 points for each of 3 mapped classes \(30\)")
+    refused(sample[:3] + ["20"] + sample[4:], r"--size 20: fewer than the minimum, 10 points for each of 3 "
+            r"mapped classes \(30\)")
     refused(sample + ["--min-per-class", "1"], "--min-per-class 1: must be 2 or more")
     refused(["estimate", str(out)], r"strata.json: not found \(draw the sample")
     assert assess.main(sample) == 0
@@ -1629,15 +1636,16 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     refused(["estimate", str(out), "--sample", str(labelled)], "2 of the 40 points")
     label_sample(out / "sample.csv", truths, out=labelled)
     edit_sample(labelled, 0, **{"class": "Lava"})
-    refused(["estimate", str(out), "--sample", str(labelled)], "labelled.csv:2: class 'Lava' is not a class of the map")
+    estimate = ["estimate", str(out), "--sample", str(labelled)]
+    refused(estimate, "labelled.csv:2: class 'Lava' is not a class of the map")
     label_sample(out / "sample.csv", truths, out=labelled)
     edit_sample(labelled, 1, image="scenes/a.tif", x="0", y="0")
-    refused(["estimate", str(out), "--sample", str(labelled)], r"labelled.csv:3: \(0, 0\) is on no data")
+    refused(estimate, r"labelled.csv:3: \(0, 0\) is on no data")
     label_sample(out / "sample.csv", truths, out=labelled)
     with open(labelled, newline="") as f:
         x = int(list(csv.DictReader(f))[1]["x"])
     edit_sample(labelled, 1, x=str(x + 1 if x < 10 else x - 1))
-    refused(["estimate", str(out), "--sample", str(labelled)], "labelled.csv:3: sample 2 is .* in .*strata.json")
+    refused(estimate, "labelled.csv:3: sample 2 is .* in .*strata.json")
     label_sample(out / "sample.csv", truths, out=labelled)
     assert not (out / "accuracy.json").exists()  # nothing written by a refused estimate
     label_sample(out / "sample.csv", truths)
@@ -1652,6 +1660,11 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     changed.putpalette(im.getpalette())
     changed.save(mask)
     refused(["estimate", str(out)], "a_mask.png: its pixels per class differ from those in strata.json")
+    (out / "sample.csv").unlink()  # labelled in QGIS instead: the GeoJSON is kept the same way
+    geo = json.loads((out / "sample.geojson").read_text())
+    geo["features"][0]["properties"]["class"] = "Water"
+    (out / "sample.geojson").write_text(json.dumps(geo))
+    refused(sample, "sample.geojson: already holds labelled points")
     # a class of one pixel cannot have the 2 points its stratum's variance needs
     out = tmp_path / "one"
     truths = handmade_maps(out)
