@@ -337,7 +337,8 @@ def main(argv=None):
     s.add_argument("--size", type=int, required=True, help="number of points in all, e.g. 600")
     s.add_argument("--min-per-class", type=int, default=50,
                    help="points per mapped class at least, all its pixels if fewer (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="random seed, kept in strata.json (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed, kept in strata.json (default: %(default)s)")
     e = sub.add_parser("estimate", help="accuracy and areas from the labelled sample -> MAPS/accuracy.json")
     e.add_argument("maps", help="the folder that `sample` wrote to")
     e.add_argument("--sample", nargs="+", default=None,
