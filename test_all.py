@@ -1455,7 +1455,7 @@ def stratified_by_points(counts, mapped):
 
 @pytest.mark.parametrize("counts, mapped", [
     (PAPER_COUNTS, PAPER_PIXELS),
-    ([[30, 2, 0], [5, 20, 1], [0, 0, 12]], [5000, 900, 37]),  # a reference class with no point outside
+    ([[30, 2, 0], [5, 20, 1], [0, 0, 12]], [5000, 900, 37]),  # a stratum whose points all agree
 ])
 def test_the_estimator_equals_weighted_means_over_the_sample_points(counts, mapped):
     r, by_points = assess.stratified(counts, mapped), stratified_by_points(counts, mapped)
