@@ -1,0 +1,358 @@
+"""How accurate a map is, and how much of each class there really is: a stratified random sample of its
+pixels for a person to label, then accuracy and error-adjusted areas with their 95% intervals, by the
+good practices of Olofsson, Foody, Herold, Stehman, Woodcock, Wulder (2014), Remote Sensing of
+Environment 148, 42-57. The strata are the map classes i; j and k are reference classes (the labels):
+
+    W_i = N_i / N                    share of the map's N pixels mapped as i; n_ij points of stratum i
+    p_ij = W_i n_ij / n_i.           (eq. 4) the error matrix in estimated area proportions
+    O = sum_j p_jj                   (eq. 1) overall accuracy
+    U_i = p_ii / p_i.                (eq. 2) user's accuracy: of the area mapped as i, the share that is i
+    P_j = p_jj / p_.j                (eq. 3) producer's accuracy: of the area that is j, the share mapped j
+    V(O) = sum_i W_i^2 U_i (1 - U_i) / (n_i. - 1)                                         (eq. 5)
+    V(U_i) = U_i (1 - U_i) / (n_i. - 1)                                                  (eq. 6)
+    V(P_j) = [N_j^2 (1 - P_j)^2 U_j (1 - U_j) / (n_j. - 1)
+              + P_j^2 sum_{i != j} N_i^2 (n_ij / n_i.) (1 - n_ij / n_i.) / (n_i. - 1)] / N_.j^2 (eq. 7)
+    N_.j = sum_i N_i n_ij / n_i.     (eq. 8) the pixels that are j, estimated
+    p_.k = sum_i W_i n_ik / n_i.     (eq. 9) the share of the map that is k, estimated
+    S(p_.k) = sqrt(sum_i W_i^2 (n_ik / n_i.) (1 - n_ik / n_i.) / (n_i. - 1))             (eq. 10)
+    A_k = A p_.k,  S(A_k) = A S(p_.k)   (eq. 11) error-adjusted area; 95% interval: estimate +- 1.96 S
+
+    python assess.py sample MAPS --size 600    # MAPS/sample.csv to label, strata.json, sample.geojson
+    python assess.py estimate MAPS             # MAPS/accuracy.json: mapped area against estimated area
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import georef
+import scene
+from cli import DataError, command_line
+
+IGNORE = 255  # no data in predict.py's masks: data.IGNORE, written out so that no torch is imported
+Z95 = 1.96  # a 95% interval is the estimate +- 1.96 standard errors
+STRIP = 256  # rows of a mask looked at together: a big mask is counted and searched strip by strip
+
+
+def stratified(counts, mapped):
+    """Olofsson et al. (2014) eqs. 1-11 -> dict of arrays (nan where a figure has no sample to tell).
+
+    counts: (C, C) sample points, rows i = map class, columns j = reference class; mapped: (C,) pixels
+    mapped per class (N_i). Proportions of the map: multiply `area` and `area_se` by its area A."""
+    n, N = np.asarray(counts, float), np.asarray(mapped, float)
+    ni = n.sum(1)  # (C,) points per stratum, n_i.
+    W = N / N.sum()
+    q = np.divide(n, ni[:, None], out=np.zeros_like(n), where=ni[:, None] > 0)  # n_ij / n_i.
+    # q_ij (1 - q_ij) / (n_i. - 1): the variance of the share q_ij, the term of eqs. 5, 6, 7 and 10
+    var = np.divide(q * (1 - q), ni[:, None] - 1, out=np.zeros_like(n), where=ni[:, None] > 1)
+    p = W[:, None] * q  # eq. 4
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: no point, or a class nobody found
+        users, producers = np.diag(p) / p.sum(1), np.diag(p) / p.sum(0)  # eqs. 2, 3
+        Nj = (N[:, None] * q).sum(0)  # eq. 8
+        others = (N[:, None] ** 2 * var).sum(0) - N**2 * np.diag(var)  # the sum over i != j of eq. 7
+        var_p = (N**2 * (1 - producers) ** 2 * np.diag(var) + producers**2 * others) / Nj**2  # eq. 7
+    return {"matrix": p, "overall": np.trace(p), "overall_se": np.sqrt((W**2 * np.diag(var)).sum()),  # 1, 5
+            "users": users, "users_se": np.sqrt(np.diag(var)),  # eq. 6: U_i = q_ii
+            "producers": producers, "producers_se": np.sqrt(var_p),
+            "area": p.sum(0), "area_se": np.sqrt((W[:, None] ** 2 * var).sum(0))}  # eqs. 9, 10
+
+
+def allocate(pixels, size, least=50):
+    """Points per stratum, as Olofsson et al. (2014) recommend: each class `least` (or all its pixels,
+    if fewer), the rest in proportion to the pixels mapped (largest remainders); never more than pixels."""
+    pixels = np.asarray(pixels, np.int64)
+    n = np.minimum(pixels, least)
+    while n.sum() < size:
+        room = pixels - n  # the classes that still have pixels to give take the rest
+        share = (size - n.sum()) * room / room.sum()
+        extra = np.floor(share).astype(np.int64)
+        left = size - n.sum() - extra.sum()
+        extra[np.argsort(extra - share, kind="stable")[:left]] += 1  # the largest remainders
+        n = n + np.minimum(extra, room)
+    return n
+
+
+def read_mask(path):
+    """A palette mask as predict.py writes it -> (H, W) uint8: class index, IGNORE where no data."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a mapped orthomosaic may be larger
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"{path}: a {im.mode} image, not a mask written by predict.py (palette)")
+            return np.asarray(im)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read mask ({getattr(e, 'strerror', None) or e})")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_areas(maps):
+    """MAPS/areas.csv -> (class names, [(image, mask name, pixels per class, hectares per class or None)])."""
+    path = Path(maps) / "areas.csv"
+    images = {}  # (image, mask) -> [(class, pixels, hectares or None)]
+    try:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                row = (r["class"], int(r["pixels"]), float(r["hectares"]) if r["hectares"] else None)
+                images.setdefault((r["image"], r["mask"]), []).append(row)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (map images with predict.py --out {maps} first)")
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: expected the columns image,class,pixels,share,hectares,mask of predict.py")
+    out = []
+    for (image, mask), rows in images.items():
+        names, pixels, hectares = zip(*rows)
+        if out and list(names) != classes:
+            raise DataError(f"{path}: {image} has other classes than {out[0][0]}")
+        if not (Path(maps) / mask).exists():
+            raise DataError(f"{Path(maps) / mask}: not found (the mask of {image} in {path})")
+        classes = list(names)
+        out.append((image, mask, list(pixels), None if None in hectares else list(hectares)))
+    if not out:
+        raise DataError(f"{path}: no mapped image")
+    return classes, out
+
+
+def hectares_per_pixel(images):
+    """One pixel's area in hectares when every scene has one and they agree within 1%, else None."""
+    sizes = [sum(ha) / sum(px) for _, _, px, ha in images if ha is not None and sum(px)]
+    if len(sizes) < len(images) or not sizes or max(sizes) > 1.01 * min(sizes):
+        return None
+    return sum(sum(ha) for *_, ha in images) / sum(sum(px) for _, _, px, _ in images)
+
+
+def draw(maps, images, n, rng):
+    """Stratified random sampling: n[c] distinct pixels of class c among all the masks' pixels of c,
+    each equally likely -> [(image, x, y)] in a random order. One mask, one strip of it at a time."""
+    pixels = np.sum([px for _, _, px, _ in images], axis=0)
+    ranks = [np.sort(rng.choice(pixels[c], n[c], replace=False)) for c in range(len(n))]  # c's k-th pixels
+    seen = np.zeros(len(n), np.int64)  # pixels of each class in the masks before this strip
+    points = []
+    for image, mask, px, _ in images:
+        m = read_mask(Path(maps) / mask)
+        for y0 in range(0, len(m), STRIP):
+            strip = m[y0 : y0 + STRIP]
+            found = np.bincount(strip.ravel(), minlength=256)[: len(n)]
+            for c in range(len(n)):
+                lo, hi = np.searchsorted(ranks[c], [seen[c], seen[c] + found[c]])
+                if hi > lo:  # the k-th pixel of c in raster order is among this strip's
+                    at = np.flatnonzero(strip == c)[ranks[c][lo:hi] - seen[c]]
+                    points += [(image, int(i % m.shape[1]), int(y0 + i // m.shape[1])) for i in at]
+            seen += found
+        check_counts(m, px, mask, "areas.csv")
+    return [points[i] for i in rng.permutation(len(points))]  # mixed, so that no stratum shows in the order
+
+
+def check_counts(mask, pixels, name, table):
+    """Refuse a mask whose pixels per class are not those counted when the sample was drawn."""
+    counted = sum(np.bincount(mask[y : y + STRIP].ravel(), minlength=256) for y in range(0, len(mask), STRIP))
+    if list(counted[: len(pixels)]) != list(pixels):
+        raise DataError(f"{name}: its pixels per class differ from those in {table} (mapped again since?)")
+
+
+def sample(args):
+    maps = Path(args.maps)
+    classes, images = read_areas(maps)
+    pixels = np.sum([px for _, _, px, _ in images], axis=0)
+    least = np.minimum(pixels, args.min_per_class).sum()
+    if args.size < least:
+        raise DataError(f"--size {args.size}: fewer than the minimum, {args.min_per_class} points for each "
+                        f"of {(pixels > 0).sum()} mapped classes ({least})")
+    if args.size > pixels.sum():
+        raise DataError(f"--size {args.size}: more points than the {pixels.sum()} mapped pixels")
+    for old in (maps / "sample.csv", maps / "sample.geojson"):  # a person's work is never overwritten
+        if old.exists() and any(r[5] for r in read_labels([old])):
+            raise DataError(f"{old}: already holds labelled points; move it away to draw a new sample")
+    out = maps / "sample.csv"
+    n = allocate(pixels, args.size, args.min_per_class)
+    points = draw(maps, images, n, np.random.default_rng(args.seed))
+    with open(out, "w", newline="") as f:  # the mapped class is not in it: a person labels blind
+        csv.writer(f).writerows([("image", "x", "y", "class", "sample")] +
+                                [(im, x, y, "", k) for k, (im, x, y) in enumerate(points, 1)])
+    written = [out, write_geojson(maps, images, points)]
+    ha = hectares_per_pixel(images)
+    strata = {"seed": args.seed, "size": args.size, "min_per_class": args.min_per_class, "classes": classes,
+              "pixels": pixels.tolist(), "hectares": None if ha is None else (pixels * ha).tolist(),
+              "hectares_per_pixel": ha, "points": n.tolist(),
+              "masks": [{"image": im, "mask": m, "pixels": px} for im, m, px, _ in images],
+              "sample": [list(p) for p in points]}  # sample k is the (k-1)-th: image, x, y
+    (maps / "strata.json").write_text(json.dumps(strata, indent=1))
+    print(f"{'class':<24}{'pixels mapped':>15}{'hectares':>12}{'points':>8}   (seed {args.seed})")
+    for c, name in enumerate(classes):
+        print(f"{name:<24}{pixels[c]:>15}{'' if ha is None else f'{pixels[c] * ha:.2f}':>12}{n[c]:>8}")
+    written = ", ".join(str(p) for p in written + [maps / "strata.json"] if p)
+    print(f"{len(points)} points -> {written}: fill in 'class' (names as in areas.csv), then "
+          f"python assess.py estimate {maps}")
+    return 0
+
+
+def write_geojson(maps, images, points):
+    """The points in map coordinates, for the scenes whose mask is georeferenced -> path, or None."""
+    geos = {im: scene.image_info(Path(maps) / m)[1] for im, m, _, _ in images}
+    features = [{"type": "Feature", "geometry": {"type": "Point",
+                 "coordinates": list(georef.pixel_to_map(geos[im]["world"], x, y))},
+                 "properties": {"image": im, "x": x, "y": y, "class": "", "sample": k}}
+                for k, (im, x, y) in enumerate(points, 1) if geos[im]]
+    if not features:
+        return None
+    doc = {"type": "FeatureCollection", "features": features}
+    codes = {georef.epsg(g) for g in geos.values() if g} - {None}
+    if len(codes) == 1:  # as clicks.write_suggestions names it
+        doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes.pop()}"}}
+    (Path(maps) / "sample.geojson").write_text(json.dumps(doc, indent=1))
+    return Path(maps) / "sample.geojson"
+
+
+def read_labels(paths):
+    """Labelled sample files (CSV image,x,y,class,sample, or the GeoJSON of `sample` with its properties
+    filled in) -> [(where, sample number, image, x, y, class as written)]."""
+    rows = []
+    for path in map(Path, paths):
+        try:
+            if path.suffix.lower() in (".geojson", ".json"):
+                records = [f["properties"] for f in json.loads(path.read_text())["features"]]
+                wheres = [f"{path}: feature {k}" for k in range(len(records))]
+            else:
+                with open(path, newline="") as f:
+                    records = list(csv.DictReader(f))
+                wheres = [f"{path}:{line}" for line in range(2, len(records) + 2)]
+        except FileNotFoundError:
+            raise DataError(f"{path}: not found")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a sample file of assess.py ({type(e).__name__}: {e})")
+        for where, r in zip(wheres, records):
+            try:
+                label = "" if r.get("class") is None else str(r["class"]).strip()
+                rows.append((where, int(r["sample"]), r["image"], int(r["x"]), int(r["y"]), label))
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}: expected image,x,y,class,sample with whole numbers x, y, sample")
+    return rows
+
+
+def estimate(args):
+    maps = Path(args.maps)
+    path = maps / "strata.json"
+    try:
+        strata = json.loads(path.read_text())
+        classes, drawn, masks = strata["classes"], strata["sample"], strata["masks"]
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (draw the sample with: python assess.py sample {maps} --size N)")
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: not a strata table written by assess.py sample")
+    files = args.sample or [maps / "sample.csv"]
+    rows = read_labels(files)
+    index, seen = {name: i for i, name in enumerate(classes)}, set()
+    for where, k, image, x, y, label in rows:
+        if not 1 <= k <= len(drawn) or k in seen:
+            raise DataError(f"{where}: sample {k} is {'twice' if k in seen else 'not in ' + str(path)}")
+        if image not in {m["image"] for m in masks}:
+            raise DataError(f"{where}: image {image!r} is not one of the masks of {path}")
+        if label and label not in index:
+            raise DataError(f"{where}: class {label!r} is not a class of the map ({', '.join(classes)})")
+        seen.add(k)
+    unlabelled = len(drawn) - sum(bool(r[5]) for r in rows)
+    if unlabelled:
+        raise DataError(f"{unlabelled} of the {len(drawn)} points of {path} have no class yet in "
+                        f"{', '.join(map(str, files))}: label every point (the estimate needs them all)")
+    mapped = lookup(maps, masks, rows)
+    for where, k, image, x, y, _ in rows:
+        if [image, x, y] != drawn[k - 1]:
+            raise DataError(f"{where}: sample {k} is {image} ({x}, {y}), but {drawn[k - 1][0]} "
+                            f"({drawn[k - 1][1]}, {drawn[k - 1][2]}) in {path}")
+    counts = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(counts, (mapped, [index[r[5]] for r in rows]), 1)
+    pixels = np.asarray(strata["pixels"])
+    few = ", ".join(f"{name} {n}" for name, n, N in zip(classes, counts.sum(1), pixels) if N and n < 2)
+    if few:
+        raise DataError(f"{path}: a stratum needs 2 points or more for a variance; points of {few}")
+    result = report(stratified(counts, pixels), counts, strata, files)
+    (maps / "accuracy.json").write_text(json.dumps(result, indent=1))
+    print_report(result)
+    print(f"-> {maps / 'accuracy.json'}")
+    return 0
+
+
+def lookup(maps, masks, rows):
+    """The map class at each labelled point, read again in the masks (as they were when drawn from)."""
+    mapped = np.zeros(len(rows), np.int64)
+    for m in masks:
+        mask = read_mask(Path(maps) / m["mask"])
+        check_counts(mask, m["pixels"], Path(maps) / m["mask"], "strata.json")
+        for k, (where, _, image, x, y, _) in enumerate(rows):
+            if image == m["image"]:
+                if not (0 <= x < mask.shape[1] and 0 <= y < mask.shape[0]) or mask[y, x] == IGNORE:
+                    raise DataError(f"{where}: ({x}, {y}) is on no data (or off) in {m['mask']}")
+                mapped[k] = mask[y, x]
+    return mapped
+
+
+def interval(estimate, se, scale=1.0):
+    """-> {estimate, se, ci95: [low, high]}, times `scale`; None where there is nothing to tell."""
+    e, s = float(estimate * scale), float(se * scale)
+    return {"estimate": e, "se": s, "ci95": [e - Z95 * s, e + Z95 * s]} if np.isfinite(e) else None
+
+
+def report(r, counts, strata, files):
+    """The estimates -> the dict written to accuracy.json; areas in hectares, or in pixels if unknown."""
+    ha, pixels = strata["hectares_per_pixel"], strata["pixels"]
+    classes = {name: {"mapped_area": pixels[c] * (ha or 1), "points": int(counts[c].sum()),
+                      "estimated_area": interval(r["area"][c], r["area_se"][c], sum(pixels) * (ha or 1)),
+                      "users_accuracy": interval(r["users"][c], r["users_se"][c]),
+                      "producers_accuracy": interval(r["producers"][c], r["producers_se"][c])}
+               for c, name in enumerate(strata["classes"])}
+    return {"method": "stratified estimation, Olofsson et al. (2014) eqs. 1-11; ci95 = estimate +- 1.96 se",
+            "unit": "hectares" if ha else "pixels", "sample": list(map(str, files)), "seed": strata["seed"],
+            "points": int(counts.sum()), "overall_accuracy": interval(r["overall"], r["overall_se"]),
+            "classes": classes, "error_matrix": {"rows": "map class", "columns": "reference class (labels)",
+                                                 "area_proportions": r["matrix"].tolist(),
+                                                 "points": counts.tolist()}}
+
+
+def print_report(result):
+    def pm(v, digits):
+        return "-" if v is None else f"{v['estimate']:.{digits}f} +- {Z95 * v['se']:.{digits}f}"
+
+    unit, digits = result["unit"], 2 if result["unit"] == "hectares" else 0
+    print(f"{result['points']} labelled points, seed {result['seed']}; +- is the 95% interval (1.96 SE)")
+    print(f"{'class':<22}{'mapped ' + unit:>16}{'estimated ' + unit + ' (error-adjusted)':>36}"
+          f"{'user accuracy':>16}{'producer accuracy':>20}")
+    for name, c in result["classes"].items():
+        print(f"{name:<22}{c['mapped_area']:>16.{digits}f}{pm(c['estimated_area'], digits):>36}"
+              f"{pm(c['users_accuracy'], 3):>16}{pm(c['producers_accuracy'], 3):>20}")
+    print(f"overall accuracy {pm(result['overall_accuracy'], 3)}")
+    print("error matrix in area proportions (rows: map class, columns: reference class):")
+    for name, row in zip(result["classes"], result["error_matrix"]["area_proportions"]):
+        print(f"  {name:<20}" + "".join(f"{v:>9.4f}" for v in row))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Accuracy and area of a map from a stratified random sample "
+                                "of its pixels (Olofsson et al. 2014).")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample", help="draw the points for a person to label -> MAPS/sample.csv, strata.json")
+    s.add_argument("maps", help="the --out folder of predict.py: masks and areas.csv")
+    s.add_argument("--size", type=int, required=True, help="number of points in all, e.g. 600")
+    s.add_argument("--min-per-class", type=int, default=50,
+                   help="points per mapped class at least, all its pixels if fewer (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed, kept in strata.json (default: %(default)s)")
+    e = sub.add_parser("estimate", help="accuracy and areas from the labelled sample -> MAPS/accuracy.json")
+    e.add_argument("maps", help="the folder that `sample` wrote to")
+    e.add_argument("--sample", nargs="+", default=None,
+                   help="the labelled sample: CSV or GeoJSON files, together (default: MAPS/sample.csv)")
+    args = p.parse_args(argv)
+    if args.command == "estimate":
+        return estimate(args)
+    for flag, value, least in [("--size", args.size, 1), ("--min-per-class", args.min_per_class, 2),
+                               ("--seed", args.seed, 0)]:  # 2 per class: a stratum's variance needs them
+        if value < least:
+            raise DataError(f"{flag} {value}: must be {least} or more")
+    return sample(args)
+
+
+if __name__ == "__main__":
+    sys.exit(command_line(main))
