@@ -87,7 +87,8 @@ def model_input(s, meta, bands=None):
     such a scene is what they are given."""
     if "norm" not in meta:
         if bands and len(bands) not in (1, 3):
-            raise DataError(f"--bands {','.join(map(str, bands))}: this checkpoint takes 1 band (as grey) or 3")
+            raise DataError(f"--bands {','.join(map(str, bands))}: this checkpoint takes 1 band (grey) "
+                            "or 3")
         return scene.display(s["samples"], s["valid"], bands or meta.get("bands")), "imagenet"
     n, trained, kind = s["samples"].shape[2], meta["bands"], s["samples"].dtype
     if meta["norm"] == "imagenet" and (kind != np.uint8 or n != 3):  # a model of 8-bit RGB photos sees such
