@@ -23,12 +23,13 @@ def command_line(main, argv=None):
     return code if isinstance(code, int) else 0
 
 
-def check_writable(folder, flag):
-    """Write a file in `folder` (made with its parents for the try, and removed again if it was made),
-    so that an output folder that cannot be used is one line naming it, before any long work, and an
-    input refused later leaves nothing behind. The writers make the folder when they write."""
+def check_writable(folder, flag, keep=False):
+    """Write a file in `folder` (made with its parents for the try, and removed again if it was made,
+    unless `keep`), so that an output folder that cannot be used is one line naming it, before any long
+    work, and an input refused later leaves nothing behind. The writers make the folder when they write.
+    Processes that check one folder at once keep it: one's removal would fail another's try."""
     folder = Path(folder)
-    made = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+    made = [] if keep else [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test_{os.getpid()}"

@@ -60,7 +60,7 @@ def open_run_folder(args, world, defaults):
                 raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
     elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
         raise DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")
-    check_writable(out, "--out")
+    check_writable(out, "--out", keep=world > 1)
     if world > 1:
         dist.barrier()  # every process has looked at --out before anyone writes there
     return out, ckpt
