@@ -1,22 +1,19 @@
-"""A page to click points on your images: the clicks train.py --point-labels reads, saved at once; with
-a checkpoint, the model's map over the image and where it suggests clicking next.
+"""A page to click points and draw strokes on your images: the labels train.py --point-labels reads,
+saved at once; with a checkpoint, the model's map over the image and where it suggests clicking next.
 
     python label.py DIR --points clicks.csv [--classes classes.json] [--ckpt runs/x/ckpt.pt] [--port 8000]
 
 The page is label.html. This server gives it the images of DIR (large ones downsampled), the clicks,
-and writes the clicks file whole after each change: a temporary file, then a rename. A clicks file
-with a 'sample' column (assess.py's) opens in blind mode: its points one by one, never the map.
+and writes the clicks file whole after each change: a temporary file, then a rename. A stroke is
+consecutive rows sharing a number in a 'stroke' column. A clicks file with a 'sample' column (assess.py's)
+opens in blind mode: its points one by one, never the map, no stroke.
 """
 import argparse
-import csv
 import errno
 import io
-import ipaddress
 import json
-import os
 import secrets
 import sys
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,18 +22,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-import clicks
+import label_guard
 import layout
 import maps
 import predict
 import scene
 from cli import DataError, band_list, check_writable, command_line
+from label_file import number, read_points, write_back
 from model import load_checkpoint, model_input
 from speed import fold_batch_norm, pick_dtype
 
 HERE = Path(__file__).parent
 SHOWN = 2048  # longest side of an image as the page shows it; clicks still land on full-image pixels
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+VERTICES = 10_000  # most vertices of one stroke: 20,000 image pixels long at one every 2 pixels
 
 
 class Labels:
@@ -54,6 +52,9 @@ class Labels:
         self.names, self.colours = read_classes(classes, self.root, {r[3][self.columns.index("class")]
                                                                      for r in self.rows})
         self.clicks()  # every class one of these, every sample a number, or one line saying which is not
+        if self.strokes() and self.blind:  # every stroke whole, or one line saying which is not
+            raise DataError(f"{self.points}: a 'sample' column (blind labelling) and strokes: a sample is "
+                            "points only")
         self.lock, self.model_lock, self.cache = threading.Lock(), threading.Lock(), {}
         self.model, self.meta, self.show = None, None, show
         if ckpt and self.blind:
@@ -69,16 +70,14 @@ class Labels:
             self.dtype = pick_dtype(meta.get("precision", "auto"), torch.device("cpu"), model, train=False)
 
     def clicks(self, image=None):
-        """The rows the page shows (all, or one image's): image, x, y, class ('' when not given yet; an
+        """The points the page shows (all, or one image's): image, x, y, class ('' when not given yet; an
         index names its class), and in blind mode the point's number in the sample."""
         shown = []
         for name, x, y, values in self.rows:
-            row = dict(zip(self.columns, values))
-            value, where = row["class"].strip(), f"{self.points}: {name} ({x}, {y})"
-            if value.isdigit() and value not in self.names and int(value) < len(self.names):
-                value = self.names[int(value)]
-            if value not in self.names + [""]:
-                raise DataError(f"{where}: class {value!r} is not one of {', '.join(self.names)}")
+            row, where = dict(zip(self.columns, values)), f"{self.points}: {name} ({x}, {y})"
+            value = self.class_name(row["class"], where)
+            if row.get("stroke", "").strip():  # a stroke's vertex: strokes() shows it
+                continue
             sample = number(row["sample"].strip()) if self.blind else None
             if self.blind and sample is None:
                 raise DataError(f"{where}: sample {row['sample']!r} is not a point's number")
@@ -87,50 +86,102 @@ class Labels:
                              ({"sample": sample} if self.blind else {}))
         return shown
 
+    def strokes(self, image=None):
+        """The strokes the page shows (all, or one image's): image, stroke (its number), class, points
+        [[x, y], ...]. A stroke is consecutive rows with one number in the 'stroke' column, one image and
+        one class."""
+        shown, done = [], set()
+        for name, x, y, values in self.rows:
+            row, where = dict(zip(self.columns, values)), f"{self.points}: {name} ({x}, {y})"
+            key = row.get("stroke", "").strip()
+            if not key:
+                continue
+            value, s = self.class_name(row["class"], where), number(key)
+            if s is None or not value:
+                raise DataError(f"{where}: stroke {key!r}: a stroke is a whole number from 0, with a class")
+            last = shown[-1] if shown else {}
+            if (last.get("stroke"), last.get("image"), last.get("class")) == (s, name, value):
+                last["points"].append([x, y])
+            elif s in done:
+                raise DataError(f"{where}: stroke {s} again: its rows are consecutive, one image, one class")
+            else:
+                shown.append({"image": name, "stroke": s, "class": value, "points": [[x, y]]})
+            done.add(s)
+        return [s for s in shown if image in (None, s["image"])]
+
+    def class_name(self, written, where):
+        value = written.strip()
+        if value.isdigit() and value not in self.names and int(value) < len(self.names):
+            value = self.names[int(value)]
+        if value not in self.names + [""]:
+            raise DataError(f"{where}: class {value!r} is not one of {', '.join(self.names)}")
+        return value
+
     def change(self, body):
-        """{"image", "x", "y", "class"} gives the rows at (x, y) that class, or adds a row; without "class"
-        it removes them. Every other row and column stays as written. -> the image's clicks, as saved."""
-        name, x, y = body["image"], body["x"], body["y"]
-        if name not in self.info or type(x) is not int or type(y) is not int:
-            raise ValueError("image must be one of the folder's, x and y whole numbers")
-        (w, h), _ = self.info[name]
-        if not (0 <= x < w and 0 <= y < h):
-            raise ValueError(f"({x}, {y}) is outside {name} ({w}x{h})")
+        """A point: {"image", "x", "y", "class"} gives the points at (x, y) that class, or adds one; without
+        "class" it removes them. A stroke: {"image", "stroke": [[x, y], ...], "class"} adds one, {"image",
+        "stroke": number} removes it. Every other row and column stays as written. -> the image's points and
+        strokes, as saved."""
+        name = body["image"]
+        if name not in self.info:
+            raise ValueError("image must be one of the folder's")
         if "class" in body and body["class"] not in self.names:
             raise ValueError(f"class {body['class']!r} is not one of {', '.join(self.names)}")
-        at, c = (name, x, y), self.columns.index("class")
         with self.lock:
-            here = [r for r in self.rows if r[:3] == at]
-            if self.blind and not (here and "class" in body):  # a probability sample: its points, no other
-                raise ValueError("blind mode: only the sample's points take a class, and each stays")
-            rows = []
-            for r in self.rows:  # the other rows as they are; those at (x, y) take the class, in place
-                if r[:3] != at:
-                    rows.append(r)
-                elif "class" in body:
-                    rows.append((*at, r[3][:c] + [body["class"]] + r[3][c + 1:]))
-            if "class" in body and not here:
-                new = {"image": name, "x": str(x), "y": str(y), "class": body["class"]}
-                rows.append((*at, [new.get(k, "") for k in self.columns]))
-            self.save(rows)  # OSError (a full disk): the rows in memory stay those on disk
-            self.rows = rows
-            return self.clicks(name)
+            columns, rows = self.stroke_change(body) if "stroke" in body else self.point_change(body)
+            write_back(self.points, columns, rows, self.how)  # OSError (a full disk): memory keeps the disk's
+            self.columns, self.rows = columns, rows
+            return {"clicks": self.clicks(name), "strokes": self.strokes(name)}
 
-    def save(self, rows):
-        """Write the clicks file whole: a new temporary file beside it (made here, so that a link planted
-        there is never followed), then a rename: the file is the old one or the new one, never half."""
-        handle, tmp = tempfile.mkstemp(prefix=self.points.name + ".", suffix=".tmp", dir=self.points.parent)
-        try:
-            os.chmod(tmp, self.how["mode"])
-            with open(handle, "w", newline="", encoding="utf-8-sig" if self.how["bom"] else "utf-8") as f:
-                written = csv.writer(f, lineterminator=self.how["newline"])
-                written.writerows([self.columns, *(r[3] for r in rows)])
-                f.flush()
-                os.fsync(f.fileno())  # a full disk may say so only here
-            os.replace(tmp, self.points)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+    def point_change(self, body):
+        name, c = body["image"], self.columns.index("class")
+        at = (name, *self.pixel(name, [body["x"], body["y"]]))
+        point = [r[:3] == at and self.stroke(r) is None for r in self.rows]  # a stroke's vertex stays
+        if self.blind and not (any(point) and "class" in body):  # a probability sample: its points, no other
+            raise ValueError("blind mode: only the sample's points take a class, and each stays")
+        rows = []
+        for r, here in zip(self.rows, point):  # the other rows as they are; the point at (x, y) takes a class
+            if not here:
+                rows.append(r)
+            elif "class" in body:
+                rows.append((*at, r[3][:c] + [body["class"]] + r[3][c + 1:]))
+        if "class" in body and not any(point):
+            rows.append((*at, self.new_row(self.columns, *at, body["class"])))
+        return self.columns, rows
+
+    def stroke_change(self, body):
+        name, vertices = body["image"], body["stroke"]
+        if self.blind:
+            raise ValueError("blind mode: a sample is points, never a stroke")
+        if "class" not in body:  # removes the stroke of that number (none: nothing to remove)
+            if type(body["stroke"]) is not int:
+                raise ValueError("a stroke to remove is its number")
+            return self.columns, [r for r in self.rows if r[0] != name or self.stroke(r) != body["stroke"]]
+        if type(vertices) is not list or not 0 < len(vertices) <= VERTICES:
+            raise ValueError(f"a stroke is a list of 1 to {VERTICES} [x, y] vertices")
+        columns = self.columns + ["stroke"] * ("stroke" not in self.columns)  # added at the first stroke
+        rows = [(*r[:3], r[3] + [""] * (len(columns) - len(r[3]))) for r in self.rows]
+        s = 1 + max((self.stroke(r) for r in self.rows if self.stroke(r) is not None), default=0)
+        for x, y in (self.pixel(name, xy) for xy in vertices):
+            rows.append((name, x, y, self.new_row(columns, name, x, y, body["class"], str(s))))
+        return columns, rows
+
+    def pixel(self, name, xy):
+        """[x, y] -> (x, y), whole numbers on the image, or a ValueError."""
+        (w, h), _ = self.info[name]
+        if type(xy) is not list or len(xy) != 2 or any(type(v) is not int for v in xy):
+            raise ValueError(f"{str(xy)[:20]}: x and y are whole numbers")
+        if not (0 <= xy[0] < w and 0 <= xy[1] < h):
+            raise ValueError(f"({xy[0]}, {xy[1]}) is outside {name} ({w}x{h})")
+        return tuple(xy)
+
+    def stroke(self, row):
+        """The stroke number of a row, None for a point."""
+        return number(row[3][self.columns.index("stroke")].strip()) if "stroke" in self.columns else None
+
+    def new_row(self, columns, name, x, y, cls, stroke=""):
+        new = {"image": name, "x": str(x), "y": str(y), "class": cls, "stroke": stroke}
+        return [new.get(k, "") for k in columns]
 
     def shown(self, i):
         """Image i as the page shows it: JPEG bytes, its longest side at most SHOWN."""
@@ -162,41 +213,8 @@ class Labels:
         return {"images": [{"name": n, "width": self.info[n][0][0], "height": self.info[n][0][1]}
                            for n, _ in self.files],
                 "classes": [{"name": n, "colour": c} for n, c in zip(self.names, colours)],
-                "clicks": self.clicks(), "model": self.model is not None, "blind": self.blind}
-
-
-def read_points(path, info):
-    """The clicks file as written -> (columns, rows [(image name, x, y, [values as written])], how it is
-    written: {"bom", "newline", "mode"}), so that a change writes back every row and column it keeps."""
-    if not path.exists() or path.stat().st_size == 0:
-        umask = os.umask(0o22)  # reading it means setting it: put back at once
-        os.umask(umask)
-        return ["image", "x", "y", "class"], [], {"bom": False, "newline": "\r\n", "mode": 0o666 & ~umask}
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is no part of 'image'
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
-    if text.lstrip()[:1] in ("{", "["):
-        raise DataError(f"{path}: GeoJSON, and the page reads and writes CSV (image,x,y,class): give "
-                        "--points a new .csv; train.py --point-labels takes both files")
-    how = {"bom": raw.startswith(b"\xef\xbb\xbf"), "mode": path.stat().st_mode & 0o777,
-           "newline": "\r\n" if text.split("\n", 1)[0].endswith("\r") else "\n"}
-    lines = csv.reader(io.StringIO(text, newline=""))
-    columns, find, rows = next(lines, []), clicks.image_finder(info), []
-    if not {"image", "x", "y", "class"} <= set(columns):
-        raise DataError(f"{path}: expected columns image,x,y,class (found {','.join(columns)})")
-    for values in filter(None, lines):  # a blank line is no row
-        where, record = f"{path}:{lines.line_num}", dict(zip(columns, values))
-        x, y = number(record["x"].strip()), number(record["y"].strip())
-        if len(values) != len(columns) or x is None or y is None:
-            raise DataError(f"{where}: expected {len(columns)} values, x and y whole numbers from 0")
-        name = find(record["image"], where)
-        (w, h), _ = info[name]
-        if not (x < w and y < h):
-            raise DataError(f"{where}: point ({x}, {y}) is outside {name} ({w}x{h})")
-        rows.append((name, x, y, values))
-    return columns, rows, how
+                "clicks": self.clicks(), "strokes": self.strokes(), "vertices": VERTICES,
+                "model": self.model is not None, "blind": self.blind}
 
 
 def encoded(picture, kind):
@@ -223,11 +241,6 @@ def read_classes(given, root, written):
     if found is None and not names:
         raise DataError(f"{root}: no classes.json and no clicks yet: give --classes Water,Land,Road,...")
     return found or (names, layout.default_colours(len(names)))
-
-
-def number(text):
-    """'12' -> 12; anything else ('-1', '1e3', '²', '') -> None."""
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -261,13 +274,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path != "/change":
             return self.send_error(404, "no such page")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return self.send_error(411, "a change says its Content-Length")
-        if number(length) is None or number(length) > 10_000:
-            return self.send_error(400 if number(length) is None else 413, f"Content-Length {length!r}: a "
-                                   "change is one click")
-        body = self.rfile.read(number(length))
+        length, refused = label_guard.body_length(self.headers)
+        if refused:
+            return self.send_error(*refused)
+        body = self.rfile.read(length)
         try:
             saved = self.server.labels.change(json.loads(body))
         except (ValueError, KeyError, TypeError, RecursionError) as e:  # not JSON, or not a click here
@@ -282,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self.path.isascii():
             self.send_error(400, "the path is not ASCII")
             return False
-        why = refusal(self.headers, self.server, write)
+        why = label_guard.refusal(self.headers, self.server, write)
         if why:
             self.send_error(403, f"refused: {why}")
         return why is None
@@ -304,36 +314,6 @@ class Handler(BaseHTTPRequestHandler):
         self.log_message('"%s" %s %s', self.requestline, code, getattr(self, "reason", ""))
 
 
-def refusal(headers, server, write):
-    """-> why a request is not from this server's page, or None. Host must be this server's address
-    (DNS rebinding sends a name of the attacker's); Origin too, when sent (another site's page sends
-    its own); a change must be JSON (a form cannot send that) and carry the token of the printed address."""
-    host, origin = headers.get("Host", ""), headers.get("Origin")
-    if not ours(host, server):
-        return f"Host {host!r} is not this server's address"
-    if origin is not None and not (origin.startswith("http://") and ours(origin[7:], server)):
-        return f"Origin {origin!r} is not this server's page"
-    if write and headers.get_content_type() != "application/json":
-        return "a change is JSON (Content-Type: application/json)"
-    given = headers.get("X-Token", "").encode("latin-1")
-    if write and not secrets.compare_digest(given, server.token.encode()):
-        return "no token, or another start's: open the address label.py printed"
-    return None
-
-
-def ours(address, server):
-    """Is `address` (host:port, as Host and Origin give it) this server's? Its port, and a loopback name
-    (on a loopback server), the --host given, or on 0.0.0.0 any IP address: never another name, which
-    is what DNS rebinding sends."""
-    name, _, port = address.lower().rpartition(":")
-    if port != str(server.server_address[1]):
-        return False
-    try:
-        return name.strip("[]") in server.names or server.everywhere and bool(ipaddress.ip_address(name))
-    except ValueError:
-        return False
-
-
 def serve(args):
     """-> the server, listening (not yet serving): main() runs it, tests start it in a thread."""
     if args.suggest < 0:
@@ -346,11 +326,8 @@ def serve(args):
     except (OSError, OverflowError) as e:  # in use, no such address, a port past 65535
         raise DataError(f"--host {args.host} --port {args.port}: cannot listen there ({e})")
     Path(args.points).resolve().parent.mkdir(parents=True, exist_ok=True)  # every input checked
-    server.labels, server.token = labels, secrets.token_urlsafe()  # a new token each start
-    host = args.host.lower()
-    server.everywhere, loopback = host in ("", "0.0.0.0"), host in LOOPBACK or host.startswith("127.")
-    server.names = {host} | (LOOPBACK if loopback or server.everywhere else set())
-    if not loopback:
+    server.labels = labels
+    if not label_guard.listen_on(server, args.host, secrets.token_urlsafe()):  # a new token each start
         print(f"warning: --host {args.host}: anyone who can reach port {server.server_address[1]} can read "
               "the images and, with the token, write clicks")
     server.handle_error = lambda request, address: print(f"error: {sys.exc_info()[1]!r}", file=sys.stderr)
@@ -358,10 +335,11 @@ def serve(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="A page to click points on your images for train.py.")
+    p = argparse.ArgumentParser(description="A page to click points and draw strokes on your images for "
+                                "train.py.")
     p.add_argument("dir", help="the folder of images (as train.py --data reads it)")
-    p.add_argument("--points", required=True, help="the clicks file (CSV image,x,y,class[,...]): read at "
-                   "start, written back whole at each change; with a 'sample' column, blind labelling")
+    p.add_argument("--points", required=True, help="the clicks file (CSV image,x,y,class[,stroke,...]): read "
+                   "at start, written back whole at each change; with a 'sample' column, blind labelling")
     p.add_argument("--classes", help="a classes.json, or class names: Water,Land,Road (sorted; default: "
                    "DIR/classes.json, else the classes of the clicks file)")
     p.add_argument("--ckpt", help="a checkpoint of train.py: its map (key m) and where to click next")

@@ -38,6 +38,7 @@ import clicks
 import data
 import georef
 import label
+import label_guard
 import layout
 import maps
 import model
@@ -1616,7 +1617,7 @@ def test_label_server_takes_changes_only_from_its_own_page(label_server, capsys)
     assert capsys.readouterr().out == f"warning: --host 0.0.0.0: anyone who can reach port {port} can read " \
         "the images and, with the token, write clicks\n"
     addresses = [f"10.1.2.3:{port}", f"localhost:{port}", f"evil.example:{port}", f"10.1.2.3:{port + 1}"]
-    assert [label.ours(a, everywhere) for a in addresses] == [True, True, False, False]
+    assert [label_guard.ours(a, everywhere) for a in addresses] == [True, True, False, False]
     everywhere.server_close()
 
 
@@ -1862,6 +1863,69 @@ def test_label_page_in_a_browser_saves_its_own_clicks_only(chromium, label_serve
     page.close()
     screenshot(chromium, base + "/", tmp_path / "page.png", image=1)  # as README's picture is taken
     assert Image.open(tmp_path / "page.png").size == (900, 700)
+
+
+def test_label_page_in_a_browser_draws_saves_and_removes_strokes(chromium, label_server):
+    base, points, server = label_server
+    page = open_label_page(chromium, f"{base}/#token={server.token}", image=1)  # sub/wide.png, 90x60
+    page.keyboard.press("2")
+    name, colour = page.evaluate("[S.classes[1].name, S.classes[1].colour]")
+    box = page.locator("canvas").bounding_box()
+    scale = box["width"] / 90  # CSS pixels per image pixel
+    client = lambda x, y: (box["x"] + x * scale, box["y"] + y * scale)  # noqa: E731
+    pixel = lambda cx, cy: (math.floor((cx - box["x"]) / scale), math.floor((cy - box["y"]) / scale))  # noqa
+    start, end = client(10.3, 20.6), client(70.8, 41.2)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=25)
+    page.mouse.up()
+    page.wait_for_function("S.strokes.length === 1")
+    rows = list(csv.DictReader(open(points)))
+    assert open(points).readline() == "image,x,y,class,stroke\n" and page.evaluate("S.clicks") == []
+    assert {(r["image"], r["class"], r["stroke"]) for r in rows} == {("sub/wide.png", name, "1")}
+    xy = [(int(r["x"]), int(r["y"])) for r in rows]
+    assert xy[0] == pixel(*start) == (10, 20) and xy[-1] == pixel(*end) == (70, 41)  # where the drag was
+    (x0, y0), (x1, y1) = xy[0], xy[-1]
+    for x, y in xy:  # each vertex a pixel the straight drag crossed: within a pixel of its line
+        assert abs((x1 - x0) * (y - y0) - (y1 - y0) * (x - x0)) / math.hypot(x1 - x0, y1 - y0) < 1.5
+    steps = [math.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(xy, xy[1:])]
+    assert len(xy) >= 10 and min(steps[:-1]) >= 2 and all(b[0] > a[0] for a, b in zip(xy, xy[1:]))
+    # a reload shows it, drawn in its class colour
+    page.reload()
+    page.wait_for_function("S && picture.complete && picture.naturalWidth")
+    page.keyboard.press("n")
+    page.wait_for_function("cur === 1 && picture.complete && picture.naturalWidth")
+    assert page.evaluate("S.strokes") == [{"image": "sub/wide.png", "stroke": 1, "class": name,
+                                           "points": [list(p) for p in xy]}]
+    mid = ((xy[4][0] + xy[5][0]) / 2 + 0.5, (xy[4][1] + xy[5][1]) / 2 + 0.5)  # between two vertices
+    drawn = page.evaluate(f"""(() => {{ const d = window.devicePixelRatio || 1, c = toCanvas({mid[0] - 0.5},
+        {mid[1] - 0.5}); return [...ctx.getImageData(Math.round(c.x * d), Math.round(c.y * d), 1, 1).data]; }})()""")
+    assert drawn[:3] == [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    # a click near the line, between its vertices, removes the whole stroke; a click elsewhere adds a point
+    page.mouse.click(*client(*mid))
+    page.wait_for_function("S.strokes.length === 0")
+    assert points.read_text() == "image,x,y,class,stroke\n"
+    page.keyboard.press("2")  # a reload chose the first class again
+    page.mouse.click(*client(30.5, 5.5))
+    page.wait_for_function("S.clicks.length === 1")
+    assert points.read_text() == f"image,x,y,class,stroke\nsub/wide.png,30,5,{name},\n"
+    # a drag out of the image ends its stroke at the edge: no vertex off the image, none along the edge
+    page.mouse.move(*client(80.5, 30.5))
+    page.mouse.down()
+    page.mouse.move(*client(100.5, 30.5), steps=10)
+    page.mouse.move(*client(100.5, 10.5), steps=5)
+    page.mouse.up()
+    page.wait_for_function("S.strokes.length === 1")
+    assert page.evaluate("S.strokes[0].points") == [[x, 30] for x in (80, 82, 84, 86, 88)]
+    # shift-drag pans: no stroke
+    page.keyboard.down("Shift")
+    page.mouse.move(*client(50, 50))
+    page.mouse.down()
+    page.mouse.move(*client(60, 50), steps=3)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    assert page.evaluate("view.panX") == pytest.approx(10 * scale, abs=1) and page.evaluate("S.strokes.length") == 1
+    page.close()
 
 
 def test_label_page_in_a_browser_blind_mode_labels_point_after_point(chromium, label_server, tmp_path):
