@@ -90,23 +90,24 @@ class Labels:
         """The strokes the page shows (all, or one image's): image, stroke (its number), class, points
         [[x, y], ...]. A stroke is consecutive rows with one number in the 'stroke' column, one image and
         one class."""
-        shown, done = [], set()
+        shown, done, last = [], set(), {}  # last: the stroke of the row before, {} after a point
         for name, x, y, values in self.rows:
             row, where = dict(zip(self.columns, values)), f"{self.points}: {name} ({x}, {y})"
             key = row.get("stroke", "").strip()
             if not key:
+                last = {}
                 continue
             value, s = self.class_name(row["class"], where), number(key)
             if s is None or not value:
                 raise DataError(f"{where}: stroke {key!r}: a stroke is a whole number from 0, with a class")
-            last = shown[-1] if shown else {}
             if (last.get("stroke"), last.get("image"), last.get("class")) == (s, name, value):
                 last["points"].append([x, y])
             elif s in done:
                 raise DataError(f"{where}: stroke {s} again: its rows are consecutive, one image, one class")
             else:
-                shown.append({"image": name, "stroke": s, "class": value, "points": [[x, y]]})
-            done.add(s)
+                last = {"image": name, "stroke": s, "class": value, "points": [[x, y]]}
+                shown.append(last)
+                done.add(s)
         return [s for s in shown if image in (None, s["image"])]
 
     def class_name(self, written, where):

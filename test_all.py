@@ -1587,6 +1587,60 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     assert named.names == ["Land", "Road", "Water"] and named.clicks() == []  # sorted, as train.py sorts them
 
 
+def test_label_server_saves_checks_and_removes_strokes(label_server, tmp_path, capsys):
+    base, points, server = label_server
+    assert change(base, server, {"image": "sub/wide.png", "x": 3, "y": 4, "class": "Road"}) == 200
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,3,4,Road\n"  # no stroke yet, no column
+    line = [[3, 4], [5, 4], [7, 5], [89, 59]]  # its first vertex where the point is: each stays its own
+    assert change(base, server, {"image": "sub/wide.png", "stroke": line, "class": "Water"}) == 200
+    stroke = "".join(f"sub/wide.png,{x},{y},Water,1\n" for x, y in line)
+    saved = "image,x,y,class,stroke\nsub/wide.png,3,4,Road,\n" + stroke
+    assert points.read_text() == saved
+    capsys.readouterr()
+    many = [[i % 90, i // 90] for i in range(label.VERTICES + 1)]
+    bad = [{"image": "sub/wide.png", "stroke": [[3, 4], [90, 0]], "class": "Water"},  # off the image
+           {"image": "sub/wide.png", "stroke": [[3, 4], [-1, 0]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4], [5.5, 0]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4], [True, 0]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4, 5]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4]], "class": "Lava"},  # no such class
+           {"image": "sub/wide.png", "stroke": [[3, 4]], "class": ""},
+           {"image": "sub/wide.png", "stroke": many, "class": "Water"},  # too many vertices
+           {"image": "sub/wide.png", "stroke": [[3, 4]]},  # a removal names a number
+           {"image": "nowhere.png", "stroke": [[3, 4]], "class": "Water"}]
+    assert [change(base, server, b) for b in bad] == [400] * len(bad)
+    huge = {"image": "sub/wide.png", "stroke": [[10, 10]] * 30_000, "class": "Water"}  # over 256 kB
+    assert change(base, server, huge) == 413
+    log = capsys.readouterr().err.strip().splitlines()
+    assert len(log) == len(bad) + 1 and "Traceback" not in "".join(log)  # one line each
+    assert points.read_text() == saved  # untouched by them
+    # a click on the point at the stroke's first vertex removes the point only; a second stroke is number 2
+    assert change(base, server, {"image": "sub/wide.png", "x": 3, "y": 4}) == 200
+    assert change(base, server, {"image": "square.jpg", "stroke": [[1, 1], [2, 2]], "class": "Road"}) == 200
+    assert points.read_text() == "image,x,y,class,stroke\n" + stroke + \
+        "square.jpg,1,1,Road,2\nsquare.jpg,2,2,Road,2\n"
+    state = json.loads(request(base + "/state")[1])  # what a reload shows: the file, read another way
+    assert state["clicks"] == [] and state["strokes"] == [
+        {"image": "sub/wide.png", "stroke": 1, "class": "Water", "points": line},
+        {"image": "square.jpg", "stroke": 2, "class": "Road", "points": [[1, 1], [2, 2]]}]
+    assert change(base, server, {"image": "sub/wide.png", "stroke": 2}) == 200  # not this image's: kept
+    assert change(base, server, {"image": "square.jpg", "stroke": 2}) == 200
+    assert points.read_text() == "image,x,y,class,stroke\n" + stroke  # the column stays
+    # read back: a stroke's rows are consecutive, of one class; its number whole; blind mode takes none
+    root = server.labels.root
+    for rows, said in [("a,1,1,Water,1\na,2,2,Water,\na,3,3,Water,1\n", "stroke 1 again"),
+                       ("a,1,1,Water,1\na,2,2,Road,1\n", "stroke 1 again"),
+                       ("a,1,1,Water,x\n", "stroke 'x': a stroke is a whole number"),
+                       ("a,1,1,,3\n", "stroke '3': a stroke is a whole number from 0, with a class")]:
+        (tmp_path / "bad.csv").write_text("image,x,y,class,stroke\n" + rows.replace("a,", "square.jpg,"))
+        with pytest.raises(DataError, match=re.escape(said)):
+            label.Labels(root, tmp_path / "bad.csv", None, None, 3)
+    (tmp_path / "sample.csv").write_text("image,x,y,class,sample\nsquare.jpg,1,1,,1\n")
+    with pytest.raises(ValueError, match="blind mode: a sample is points"):
+        label.Labels(root, tmp_path / "sample.csv", None, None, 3).change(bad[0] | {"stroke": [[1, 1]]})
+
+
 def test_label_server_takes_changes_only_from_its_own_page(label_server, capsys):
     base, points, server = label_server
     port, token = server.server_address[1], server.token
@@ -1865,6 +1919,14 @@ def test_label_page_in_a_browser_saves_its_own_clicks_only(chromium, label_serve
     assert Image.open(tmp_path / "page.png").size == (900, 700)
 
 
+def colour_between(page, a, b):
+    """The colour ('#RRGGBB') the page's canvas shows halfway between the centres of image pixels a and b."""
+    rgb = page.evaluate("""([x, y]) => { const d = window.devicePixelRatio || 1, c = toCanvas(x, y);
+        return [...ctx.getImageData(Math.round(c.x * d), Math.round(c.y * d), 1, 1).data]; }""",
+                        [(a[0] + b[0]) / 2, (a[1] + b[1]) / 2])
+    return "#%02X%02X%02X" % tuple(rgb[:3])
+
+
 def test_label_page_in_a_browser_draws_saves_and_removes_strokes(chromium, label_server):
     base, points, server = label_server
     page = open_label_page(chromium, f"{base}/#token={server.token}", image=1)  # sub/wide.png, 90x60
@@ -1878,6 +1940,8 @@ def test_label_page_in_a_browser_draws_saves_and_removes_strokes(chromium, label
     page.mouse.move(*start)
     page.mouse.down()
     page.mouse.move(*end, steps=25)
+    drawing = page.evaluate("down.path.map(p => [p.x, p.y])")
+    assert colour_between(page, *drawing[4:6]) == colour  # drawn as it is drawn
     page.mouse.up()
     page.wait_for_function("S.strokes.length === 1")
     rows = list(csv.DictReader(open(points)))
@@ -1897,12 +1961,10 @@ def test_label_page_in_a_browser_draws_saves_and_removes_strokes(chromium, label
     page.wait_for_function("cur === 1 && picture.complete && picture.naturalWidth")
     assert page.evaluate("S.strokes") == [{"image": "sub/wide.png", "stroke": 1, "class": name,
                                            "points": [list(p) for p in xy]}]
-    mid = ((xy[4][0] + xy[5][0]) / 2 + 0.5, (xy[4][1] + xy[5][1]) / 2 + 0.5)  # between two vertices
-    drawn = page.evaluate(f"""(() => {{ const d = window.devicePixelRatio || 1, c = toCanvas({mid[0] - 0.5},
-        {mid[1] - 0.5}); return [...ctx.getImageData(Math.round(c.x * d), Math.round(c.y * d), 1, 1).data]; }})()""")
-    assert drawn[:3] == [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    assert [list(p) for p in xy[:len(drawing)]] == drawing and len(xy) - len(drawing) <= 1  # + the release's
+    assert colour_between(page, *xy[4:6]) == colour
     # a click near the line, between its vertices, removes the whole stroke; a click elsewhere adds a point
-    page.mouse.click(*client(*mid))
+    page.mouse.click(*client((xy[4][0] + xy[5][0]) / 2 + 0.5, (xy[4][1] + xy[5][1]) / 2 + 0.5))
     page.wait_for_function("S.strokes.length === 0")
     assert points.read_text() == "image,x,y,class,stroke\n"
     page.keyboard.press("2")  # a reload chose the first class again
@@ -1924,7 +1986,8 @@ def test_label_page_in_a_browser_draws_saves_and_removes_strokes(chromium, label
     page.mouse.move(*client(60, 50), steps=3)
     page.mouse.up()
     page.keyboard.up("Shift")
-    assert page.evaluate("view.panX") == pytest.approx(10 * scale, abs=1) and page.evaluate("S.strokes.length") == 1
+    assert page.evaluate("view.panX") == pytest.approx(10 * scale, abs=1)
+    assert page.evaluate("S.strokes.length") == 1
     page.close()
 
 
