@@ -111,6 +111,7 @@ class Labels:
         return [s for s in shown if image in (None, s["image"])]
 
     def class_name(self, written, where):
+        """A class as written -> its name ('' for none yet; an index names its class), or one line."""
         value = written.strip()
         if value.isdigit() and value not in self.names and int(value) < len(self.names):
             value = self.names[int(value)]
@@ -151,19 +152,19 @@ class Labels:
         return self.columns, rows
 
     def stroke_change(self, body):
-        name, vertices = body["image"], body["stroke"]
+        name, given = body["image"], body["stroke"]  # its vertices to add, or its number to remove
         if self.blind:
             raise ValueError("blind mode: a sample is points, never a stroke")
         if "class" not in body:  # removes the stroke of that number (none: nothing to remove)
-            if type(body["stroke"]) is not int:
+            if type(given) is not int:
                 raise ValueError("a stroke to remove is its number")
-            return self.columns, [r for r in self.rows if r[0] != name or self.stroke(r) != body["stroke"]]
-        if type(vertices) is not list or not 0 < len(vertices) <= VERTICES:
+            return self.columns, [r for r in self.rows if r[0] != name or self.stroke(r) != given]
+        if type(given) is not list or not 0 < len(given) <= VERTICES:
             raise ValueError(f"a stroke is a list of 1 to {VERTICES} [x, y] vertices")
         columns = self.columns + ["stroke"] * ("stroke" not in self.columns)  # added at the first stroke
         rows = [(*r[:3], r[3] + [""] * (len(columns) - len(r[3]))) for r in self.rows]
         s = 1 + max((self.stroke(r) for r in self.rows if self.stroke(r) is not None), default=0)
-        for x, y in (self.pixel(name, xy) for xy in vertices):
+        for x, y in (self.pixel(name, xy) for xy in given):
             rows.append((name, x, y, self.new_row(columns, name, x, y, body["class"], str(s))))
         return columns, rows
 
