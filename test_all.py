@@ -1339,7 +1339,7 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("not JSON", "not JSON"),
     ("not a FeatureCollection", "not a GeoJSON FeatureCollection"),
-    ("a line", "feature 1: a LineString, not a Point"),
+    ("a collection", "feature 1: a GeometryCollection, not a Point, LineString or Polygon"),
     ("another CRS, no pyproj", r"its points are in EPSG:4326, .*needs pyproj \(pip install pyproj\)"),
     ("a JSON list", "not a GeoJSON FeatureCollection .its top level is a list"),
     ("NaN coordinates", r"feature 0: coordinates \(nan, .*\) are not finite numbers"),
@@ -1360,8 +1360,8 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
     x, y = centre_on_map(3, 3)
     features, classes = [feature(x, y, **{"class": "Water"})], None
     text = {"not JSON": "{nope", "not a FeatureCollection": json.dumps({"type": "Feature"}),
-            "a line": geojson(features + [{"type": "Feature", "properties": {"class": "Water"}, "geometry":
-                                           {"type": "LineString", "coordinates": [[x, y], [x, y]]}}]),
+            "a collection": geojson(features + [{"type": "Feature", "properties": {"class": "Water"}, "geometry":
+                                                 {"type": "GeometryCollection", "geometries": []}}]),
             "another CRS, no pyproj": geojson(features, epsg=4326), "a JSON list": "[]",
             "NaN coordinates": geojson([feature(math.nan, y, **{"class": "Water"})]),
             "infinite coordinates": geojson([feature(math.inf, y, **{"class": "Water"})]),
