@@ -1360,8 +1360,8 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
     x, y = centre_on_map(3, 3)
     features, classes = [feature(x, y, **{"class": "Water"})], None
     text = {"not JSON": "{nope", "not a FeatureCollection": json.dumps({"type": "Feature"}),
-            "a collection": geojson(features + [{"type": "Feature", "properties": {"class": "Water"}, "geometry":
-                                                 {"type": "GeometryCollection", "geometries": []}}]),
+            "a collection": geojson(features + [{"type": "Feature", "properties": {"class": "Water"},
+                                                 "geometry": {"type": "GeometryCollection"}}]),
             "another CRS, no pyproj": geojson(features, epsg=4326), "a JSON list": "[]",
             "NaN coordinates": geojson([feature(math.nan, y, **{"class": "Water"})]),
             "infinite coordinates": geojson([feature(math.inf, y, **{"class": "Water"})]),
