@@ -136,16 +136,18 @@ def check_geometry(kind, coords, where):
             raise DataError(f"{where}: a {kind} with empty coordinates (part {i})")
         out.append([])
         for j, positions in enumerate(part):
-            name = f"line {i}" if kind.endswith("LineString") else f"polygon {i} ring {j}"
-            a = position_array(positions, f"{where}: {name} of the {kind}")
+            what = {"Polygon": f"ring {j} of the Polygon", "MultiPolygon": f"ring {j} of polygon {i} of the "
+                    "MultiPolygon", "LineString": "the LineString", "MultiLineString": f"line {i} of the "
+                    "MultiLineString"}[kind]
+            a = position_array(positions, f"{where}: {what}")
             if kind.endswith("LineString") and len(a) < 2:
-                raise DataError(f"{where}: {name} of the {kind} has {len(a)} position(s); a line needs 2")
+                raise DataError(f"{where}: {what} has {len(a)} position(s); a line needs 2 at least")
             if kind.endswith("Polygon") and len(a) < 4:
-                raise DataError(f"{where}: {name} of the {kind} has {len(a)} position(s); a closed ring "
-                                "needs 4 at least (the first repeated at the end)")
+                raise DataError(f"{where}: {what} has {len(a)} position(s); a closed ring needs 4 at least "
+                                "(its first repeated at the end)")
             if kind.endswith("Polygon") and not (a[0] == a[-1]).all():
-                raise DataError(f"{where}: {name} of the {kind} is not closed: its first position "
-                                f"{tuple(a[0])} is not its last {tuple(a[-1])}")
+                raise DataError(f"{where}: {what} is not closed: its first position {tuple(a[0].tolist())} "
+                                f"is not its last {tuple(a[-1].tolist())}")
             out[-1].append(a)
     return out
 
