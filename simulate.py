@@ -144,11 +144,12 @@ def main(argv=None):
     args = get_args(argv)
     check_writable(Path(args.out).resolve().parent, "--out")
     root = Path(find_data(args, 0, 1))
+    found = layout.find_images(root)  # a missing folder, or one without images, is one line
     classes, colours = layout.read_classes(root)
     if args.tiles:
         files = layout.tile_files(root, tile_list(args.tiles, []))
     else:
-        files = [(n, p) for n, p, _ in layout.find_images(root) if layout.mask_path(p).exists()]
+        files = [(n, p) for n, p, _ in found if layout.mask_path(p).exists()]
     if not files:
         raise DataError(f"{root}: no image with a mask (X/images/NAME -> X/masks/NAME.png) to simulate from")
     masks = layout.read_images(files, colours)[2]

@@ -1703,8 +1703,11 @@ def test_simulated_annotators_stay_in_one_class_and_spend_the_time_given(tiny, t
         labels = len(rows) if kind == "points" else len({r[kind[:-1]] for r in rows})
         budget = 30 * patches
         assert "0 found no place" in said and f"{labels} labels on {patches} patches" in said
-        if kind == "points":
-            assert labels == 12 * patches  # 30 / 2.4 = 12.5: whole points per patch, as --points 12
+        if kind == "points":  # 30 / 2.4 = 12.5: whole points per patch, those --points 12 draws
+            assert labels == 12 * patches
+            drawn = data.sample_points(masks, 32, 12, seed=1)[0]
+            written = [(r["image"], int(r["x"]), int(r["y"])) for r in rows]
+            assert written == [(files[i], x, y) for i, x, y, _ in drawn]
         else:
             assert budget - seconds < labels * seconds <= budget + 1e-6  # the leftover passes on
         by_image, _ = clicks.read_clicks([out], info, names, line_width=3)  # as train.py reads it
