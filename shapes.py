@@ -1,13 +1,14 @@
-"""Drawn labels rasterised: the pixels a polygon (holes respected) or a line of some width labels, and
-the checks a GeoJSON geometry must pass first.
+"""Drawn labels rasterised: the pixels a polygon (holes respected) or a line of some width labels, the
+checks a GeoJSON geometry or a CSV's stroke must pass first, and one class per pixel where labels overlap.
 
 Pixel coordinates are georef.map_to_pixel's: (column, row), the centre of pixel (i, j) at (i, j), the
 pixel spanning i - 0.5 .. i + 0.5 (GDAL's pixel corners, shifted by -0.5). A polygon labels the pixels
 whose centre lies inside it, by the even-odd rule, so a ring inside another is a hole; a centre exactly
 on an edge is inside on a left or top edge and outside on a right or bottom one, so polygons that share
 an edge never claim the same pixel and leave none between them. A line labels the pixels whose centre
-lies within half its width of it (round ends). Not Pillow's ImageDraw: it rounds each vertex to a whole
-pixel and draws the outline over the fill, a pixel past the edge where a vertex is off the grid.
+lies within half its width of it (round ends). Not Pillow's ImageDraw (13.0): it cuts each vertex to whole
+pixels and fills the pixels on the outline too, so the square from (1.6, 1.6) to (5.6, 5.6), which
+holds 4x4 centres, fills 5x5 pixels.
 """
 import math
 

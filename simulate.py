@@ -132,6 +132,7 @@ def write_labels(path, labels, names, classes, kind):
     whose number ties a label's rows together (clicks.read_csv). Written whole, then renamed."""
     column = {"strokes": ["stroke"], "polygons": ["polygon"]}.get(kind, [])
     partial = Path(f"{path}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class"] + column)
