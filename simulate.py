@@ -38,8 +38,8 @@ def simulate(masks, kind, seconds, patch, line_width, seed):
     """Dense masks -> (labels [(image index, positions [(x, y)], class)], patches with a class, labels
     that found no place). Each grid patch with a class gets `seconds` of annotator time; what a patch
     cannot spend on a whole label passes to the next, so the labels' time adds up to the budget. Points
-    are today's sampler (data.sample_points), strokes random walks and polygons blobs that stay inside
-    the class of their first pixel."""
+    are drawn by data.sample_points (as train.py --points draws them), strokes are random walks and
+    polygons blobs that stay inside the class of their first pixel."""
     cost = SECONDS[kind]
     patches = sum((m[y0 : y0 + patch, x0 : x0 + patch] != data.IGNORE).any() for m in masks
                   for y0 in data.grid(m.shape[0], patch) for x0 in data.grid(m.shape[1], patch))
