@@ -1,7 +1,8 @@
-"""Clicks as users make them, read and written: a CSV of pixels (image,x,y,class) as the page or a
-spreadsheet writes it, a CSV of map coordinates (lon,lat,class), or a GeoJSON FeatureCollection of points
-in map coordinates, as QGIS exports a point layer; points in another coordinate system than the images'
-are moved onto them with pyproj. Out: the points a run trained on, suggested next clicks to fill in.
+"""Clicks and drawn labels as users make them, read and written: a CSV of pixels (image,x,y,class) as
+the page or a spreadsheet writes it, with strokes and polygons as runs of rows; a CSV of map coordinates
+(lon,lat,class); or a GeoJSON FeatureCollection of points, lines and polygons in map coordinates, as QGIS
+exports a layer; labels in another coordinate system than the images' are moved onto them with pyproj.
+Shapes become the pixels they cover (shapes.py). Out: the points a run trained on, suggested next clicks.
 """
 import csv
 import io
@@ -10,15 +11,20 @@ import math
 import re
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 import georef
+import shapes
 from cli import DataError
 
 CLASS_FIELDS = ["class", "class_name", "label", "class_id"]  # where a click's class is looked for
+DRAWN = ["stroke", "polygon"]  # CSV columns whose values tie consecutive rows into one line or ring
 LONLAT = "EPSG:4326"  # GPS longitude and latitude on WGS 84, as RFC 7946 GeoJSON and lon,lat columns hold
 
 
-def read_clicks(paths, info, class_names=None, field=None, crs=None):
-    """Click files -> ({image name: [(x, y, class index)]}, class names).
+def read_clicks(paths, info, class_names=None, field=None, crs=None, line_width=3):
+    """Click files -> ({image name: [(x, y, class index)]}, class names): a point is one pixel, a line or
+    a polygon every pixel it labels, drawn `line_width` pixels wide or filled (shapes.py).
 
     info: {image name: ((width, height), georeferencing or None)} for every image of the data set.
     class_names: those of classes.json, or None to take the names found in the clicks, sorted. A
@@ -27,7 +33,10 @@ def read_clicks(paths, info, class_names=None, field=None, crs=None):
     """
     rows = []  # (where, image name, x, y, class as written)
     for path in map(Path, paths):
-        rows += read_geojson(path, info, field) if is_json(path) else read_csv(path, info, field, crs)
+        if is_json(path):
+            rows += read_geojson(path, info, field, line_width)
+        else:
+            rows += read_csv(path, info, field, crs, line_width)
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no click on an image of the data set")
     return classify(rows, class_names)
@@ -45,10 +54,10 @@ def is_json(path):
 def classify(rows, class_names=None):
     """Rows (where, image name, x, y, class as written) -> ({image name: [(x, y, class index)]},
     class names: those given, or the names found in the rows, sorted)."""
-    empty = sum(r[4] == "" for r in rows)
+    empty = len({r[0] for r in rows if r[4] == ""})  # a shape's pixels share their `where`
     if empty:
-        print(f"{empty} click(s) have no class yet (suggestions to fill in?) and are skipped")
-    if empty == len(rows):
+        print(f"{empty} label(s) have no class yet (suggestions to fill in?) and are skipped")
+    if all(r[4] == "" for r in rows):
         raise DataError(f"{rows[0][0]}: no click has a class yet (every class is left empty)")
     rows = [r for r in rows if r[4] != ""]
     named = class_names is not None
@@ -90,9 +99,11 @@ def read_table(path):
     return list(reader), sep
 
 
-def read_csv(path, info, field=None, crs=None):
+def read_csv(path, info, field=None, crs=None, line_width=3):
     """image,x,y,class with x, y in whole pixels from the top-left; or lon,lat,class (GPS), or x,y,class
-    in the map coordinates of `crs`, with no image column -> rows for read_clicks."""
+    in the map coordinates of `crs`, with no image column -> rows for read_clicks. In a pixel CSV, rows
+    with the same value in a `stroke` (or `polygon`) column, one after the other, are the positions of
+    one line drawn `line_width` wide (or of one ring, closed by itself); their x, y may have decimals."""
     records, sep = read_table(path)
     columns, field = set(records[0]) if records else set(), field and field.lower()
     if "image" not in columns and ({"lon", "lat"} <= columns or crs):
@@ -101,19 +112,35 @@ def read_csv(path, info, field=None, crs=None):
                   for line, r in enumerate(records, start=2)]
         points = [(where, px, py, class_of(r, field, where)) for where, px, py, r in points]
         return place(points, info, LONLAT if x == "lon" else crs, path)
-    find, rows = image_finder(info), []
+    find, rows, drawn, last = image_finder(info), [], [], None  # drawn: [(column, [its rows])]
     for line, record in enumerate(records, start=2):
         where = f"{path}:{line}"
+        ties = [(c, record[c].strip()) for c in DRAWN if (record.get(c) or "").strip()]
+        if len(ties) > 1:
+            raise DataError(f"{where}: a row of a stroke and of a polygon at once")
         try:
-            image, x, y = record["image"], whole(record["x"]), whole(record["y"])
+            image = record["image"]
+            x, y = (number(record["x"], sep), number(record["y"], sep)) if ties else \
+                (whole(record["x"]), whole(record["y"]))
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise ValueError(x)
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{where}: expected columns image,x,y,class with whole numbers x and y (or "
                             "lon,lat,class; or x,y,class with --points-crs)")
-        name = find(image, where)
+        name, value = find(image, where), class_of(record, field, where)
+        if ties:  # a position of a stroke or polygon, with the rows before it of the same one
+            if ties[0] != last:
+                drawn.append((ties[0][0], []))
+            drawn[-1][1].append((where, name, x, y, value))
+            last = ties[0]
+            continue
+        last = None
         (w, h), _ = info[name]
         if not (0 <= x < w and 0 <= y < h):
             raise DataError(f"{where}: point ({x}, {y}) is outside {name} ({w}x{h})")
-        rows.append((where, name, x, y, class_of(record, field, where)))
+        rows.append((where, name, x, y, value))
+    for kind, positions in drawn:
+        rows += shapes.drawn_rows(kind, positions, info, line_width)
     return rows
 
 
@@ -157,10 +184,10 @@ def image_finder(info):
     return find
 
 
-def read_geojson(path, info, field=None):
-    """A FeatureCollection of Points (or MultiPoints) in map coordinates -> rows for read_clicks. Without
-    a crs member, the images' system, or RFC 7946's longitude and latitude where no point lies on an
-    image but all lie within +-180, +-90."""
+def read_geojson(path, info, field=None, line_width=3):
+    """A FeatureCollection of Points, LineStrings, Polygons (and their Multi- kinds) in map coordinates ->
+    rows for read_clicks. Without a crs member, the images' system, or RFC 7946's longitude and latitude
+    where no position lies on an image but all lie within +-180, +-90."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except OSError as e:
@@ -171,27 +198,33 @@ def read_geojson(path, info, field=None):
     if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(features, list):
         top = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
         raise DataError(f"{path}: not a GeoJSON FeatureCollection (its top level is {top})")
-    crs, points = crs_name(doc.get("crs"), path), []
+    crs, points, drawn = crs_name(doc.get("crs"), path), [], []
     for k, feature in enumerate(features):
         where = f"{path}: feature {k}"
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
         kind = geometry.get("type") if isinstance(geometry, dict) else None
-        if kind not in ("Point", "MultiPoint"):
-            raise DataError(f"{where}: {'a ' + str(kind) if kind else 'no geometry'}, not a Point")
+        if kind not in ("Point", "MultiPoint", *shapes.KINDS):
+            what = f"a {kind}" if kind else "no geometry"
+            raise DataError(f"{where}: {what}, not a Point, LineString or Polygon (nor a Multi- of them)")
         value = class_of(feature.get("properties") or {}, field, where)
         coords = geometry.get("coordinates")
+        if kind not in ("Point", "MultiPoint"):
+            drawn.append((where, kind, shapes.check_geometry(kind, coords, where), value))
+            continue
         for point in [coords] if kind == "Point" else coords if isinstance(coords, list) else [None]:
             try:
                 x, y = float(point[0]), float(point[1])
             except (TypeError, ValueError, IndexError):
                 raise DataError(f"{where}: coordinates {point!r} are not a pair of numbers")
             points.append((where, x, y, value))
-    if crs is None and points and not any(on_images(info, x, y) for _, x, y, _ in points) and \
-            all(abs(x) <= 180 and abs(y) <= 90 for _, x, y, _ in points):
-        print(f"{path}: no crs member, and its points lie on no image but within longitude and latitude: "
+    xy = [(x, y) for _, x, y, _ in points] + [v for d in drawn for v in np.vstack(sum(d[2], []))]  # vertices
+    if crs is None and xy and all(abs(x) <= 180 and abs(y) <= 90 for x, y in xy) and \
+            not any(on_images(info, x, y) for x, y in xy):
+        print(f"{path}: no crs member, and its positions lie on no image but within longitude and latitude: "
               "read as RFC 7946 GeoJSON, longitude and latitude on WGS 84")
         crs = LONLAT
-    return place(points, info, crs, path)
+    rows = place(points, info, crs, path) if points else []
+    return rows + place_shapes(drawn, info, crs, path, line_width)
 
 
 def crs_name(crs, path):
@@ -212,20 +245,29 @@ def on_images(info, x, y):
     return any(geo and locate([(n, size, geo["world"])], x, y) for n, (size, geo) in info.items())
 
 
+def georeferenced(info, path):
+    """{image name: ((w, h), georeferencing)} of the images placed on the map; none is one line."""
+    placed = {n: (size, geo) for n, (size, geo) in info.items() if geo}
+    if not placed:
+        raise DataError(f"{path}: labels in map coordinates, but no image of the data set is georeferenced "
+                        "(GeoTIFF tags, a world file or an .aux.xml)")
+    return placed
+
+
+def onto(geo, crs, xy, path):
+    """Map positions in `crs` -> the same in the image's system, where it is known and differs."""
+    if crs is not None and geo["crs"] is not None and crs != geo["crs"]:  # an image of unknown system
+        return transform(crs, geo["crs"], xy, path)  # (a world file alone) is taken to be in the labels'
+    return xy
+
+
 def place(points, info, crs, path):
     """[(where, x, y, class)] in map coordinates of `crs` (None: the images' own) -> rows for read_clicks:
     each point on the first image whose pixels hold it, moved into that image's system where it differs;
     points on no image are counted in one line."""
-    georeferenced = {n: (size, geo) for n, (size, geo) in info.items() if geo}
-    if not georeferenced:
-        raise DataError(f"{path}: points in map coordinates, but no image of the data set is georeferenced "
-                        "(GeoTIFF tags, a world file or an .aux.xml)")
     moved = {}  # image name -> its points in its own system
-    for name, (size, geo) in georeferenced.items():
-        xy = [(x, y) for _, x, y, _ in points]
-        if crs is not None and geo["crs"] is not None and crs != geo["crs"]:  # an image of unknown system
-            xy = transform(crs, geo["crs"], xy, path)  # (a world file alone) is taken to be in the points'
-        moved[name] = (size, geo["world"], xy)
+    for name, (size, geo) in georeferenced(info, path).items():
+        moved[name] = (size, geo["world"], onto(geo, crs, [(x, y) for _, x, y, _ in points], path))
     rows, off = [], 0
     for k, (where, x, y, value) in enumerate(points):
         if not (math.isfinite(x) and math.isfinite(y)):
@@ -238,6 +280,26 @@ def place(points, info, crs, path):
             rows.append((where, *hit, value))
     if off:
         print(f"{path}: {off} point(s) lie on no image and are skipped")
+    return rows
+
+
+def place_shapes(drawn, info, crs, path, line_width):
+    """[(where, GeoJSON kind, parts, class)] in map coordinates of `crs` -> rows for read_clicks: a row
+    for each pixel a shape labels on each image it lies on, clipped to it; a shape on no image is one
+    line. The vertices are moved onto each image, and joined by straight lines there."""
+    pieces, rows, covered = [p for _, _, parts, _ in drawn for p in parts], [], set()
+    for name, (size, geo) in georeferenced(info, path).items() if drawn else []:
+        def move(xy):  # (N, 2) map positions -> (N, 2) columns and rows of this image
+            xy = np.array(onto(geo, crs, xy, path), float)
+            return np.stack(georef.map_to_pixel(geo["world"], xy[:, 0], xy[:, 1]), axis=1)
+        on_image = iter(shapes.moved(pieces, move))
+        for where, kind, parts, value in drawn:
+            cols, rws = shapes.pixels(kind, [next(on_image) for _ in parts], size, line_width)
+            rows += [(where, name, c, r, value) for c, r in zip(cols.tolist(), rws.tolist())]
+            covered |= {where} if len(cols) else set()
+    for where, kind, _, _ in drawn:
+        if where not in covered:
+            raise DataError(f"{where}: the {kind} covers no pixel of any image")
     return rows
 
 

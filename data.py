@@ -44,7 +44,11 @@ def grid(size, patch):
 
 
 def point_masks(points, shapes):
-    """Sparse label maps of the given (H, W) shapes: IGNORE everywhere but at the points."""
+    """Sparse label maps of the given (H, W) shapes: IGNORE everywhere but at the points.
+
+    A stroke or polygon comes here as every pixel it covers, and each counts once in pfCE's mean, as a
+    click does: a stroke of 300 neighbouring pixels weighs as 300 independent clicks would, though,
+    alike as neighbours are, its pixels tell the model far less each."""
     sparse = [np.full(shape, IGNORE, np.uint8) for shape in shapes]
     for i, x, y, c in points:
         sparse[i][y, x] = c

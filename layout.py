@@ -14,6 +14,7 @@ import numpy as np
 import clicks
 import model
 import scene
+import shapes
 from cli import DataError, tile_list
 from data import IGNORE, point_masks
 
@@ -218,6 +219,19 @@ def choose_split(args, root, files, labelled):
             [f for i, f in enumerate(candidates) if i in held])
 
 
+def check_patch(patch, images):
+    """A patch larger than every training image would train on padding: refused. Images smaller
+    than a patch are padded, and a line says how many."""
+    largest = max((im.shape[:2] for im in images), key=max)
+    if patch > max(largest):
+        raise DataError(f"--patch {patch}: larger than every training image (the largest is "
+                        f"{largest[1]}x{largest[0]}); at most {max(largest) // 32 * 32} here")
+    small = sum(min(im.shape[:2]) < patch for im in images)
+    if small:
+        print(f"--patch {patch}: {small} of {len(images)} training images are smaller and are padded with "
+              "mirrored pixels (no labels there)")
+
+
 def run_data(args, root):
     """Everything a run reads -> dict: classes, colours; names, images (no data filled in), valid, masks
     (dense, or None when training from clicks), points (the clicks, or None); bands (counted from 1)
@@ -232,7 +246,8 @@ def run_data(args, root):
         info = {n: scene.image_info(p) for n, p, _ in files}
         known = classes and classes[0]
         by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field,
-                                             args.points_crs)
+                                             args.points_crs, args.line_width)
+        by_image = shapes.one_class_per_pixel(by_image)
         classes = classes or (names, default_colours(len(names)))
     train, val = choose_split(args, root, files, set(by_image) | has_mask if args.point_labels else has_mask)
     if args.point_labels:  # training images without a click teach nothing

@@ -19,9 +19,9 @@ HERE = Path(__file__).parent
 KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
 SYNTHETIC = HERE / "data" / "synthetic"
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
-SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "points", "train_tiles", "val_tiles",
-                  "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha", "class_weights",
-                  "patch", "weights", "seed", "precision", "ema"]
+SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_width", "points", "train_tiles",
+                  "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",
+                  "class_weights", "patch", "weights", "seed", "precision", "ema"]
 
 
 def start_processes(device_name):

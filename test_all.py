@@ -44,6 +44,8 @@ import maps
 import model
 import predict
 import scene
+import shapes
+import simulate
 import speed
 import synthetic
 import train
@@ -1340,7 +1342,7 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("not JSON", "not JSON"),
     ("not a FeatureCollection", "not a GeoJSON FeatureCollection"),
-    ("a line", "feature 1: a LineString, not a Point"),
+    ("a collection", "feature 1: a GeometryCollection, not a Point, LineString or Polygon"),
     ("another CRS, no pyproj", r"its points are in EPSG:4326, .*needs pyproj \(pip install pyproj\)"),
     ("a JSON list", "not a GeoJSON FeatureCollection .its top level is a list"),
     ("NaN coordinates", r"feature 0: coordinates \(nan, .*\) are not finite numbers"),
@@ -1353,6 +1355,13 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     ("a CSV row outside its image", r"clicks.csv:2: point \(40, 0\) is outside a.tif \(40x30\)"),
     ("a CSV row naming no image", "clicks.csv:2: unknown image 'b.tif'"),
     ("every class left empty", "clicks.csv:2: no click has a class yet"),
+    ("an unclosed ring", r"feature 1: ring 0 of the Polygon is not closed: its first position \(5000"),
+    ("empty coordinates", "feature 1: a MultiPolygon with empty coordinates"),
+    ("a ring of 3 positions", "feature 1: ring 1 of polygon 0 of the MultiPolygon has 3 position.s.; a clo"),
+    ("a line of 1 position", r"feature 1: line 1 of the MultiLineString has 1 position\(s\); a line needs 2"),
+    ("a polygon on no image", "feature 1: the Polygon covers no pixel of any image"),
+    ("a stroke of one row", r"clicks.csv:3: a stroke of 1 row\(s\); it needs 2 positions at least"),
+    ("a stroke of two classes", "clicks.csv:3: the rows of one stroke must name one image and one class"),
 ])
 def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, case, message):
     root = tmp_path / "scenes"
@@ -1361,8 +1370,8 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
     x, y = centre_on_map(3, 3)
     features, classes = [feature(x, y, **{"class": "Water"})], None
     text = {"not JSON": "{nope", "not a FeatureCollection": json.dumps({"type": "Feature"}),
-            "a line": geojson(features + [{"type": "Feature", "properties": {"class": "Water"}, "geometry":
-                                           {"type": "LineString", "coordinates": [[x, y], [x, y]]}}]),
+            "a collection": geojson(features + [{"type": "Feature", "properties": {"class": "Water"},
+                                                 "geometry": {"type": "GeometryCollection"}}]),
             "another CRS, no pyproj": geojson(features, epsg=4326), "a JSON list": "[]",
             "NaN coordinates": geojson([feature(math.nan, y, **{"class": "Water"})]),
             "infinite coordinates": geojson([feature(math.inf, y, **{"class": "Water"})]),
@@ -1371,13 +1380,23 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
             "no class": geojson([feature(x, y, name="Water")]),
             "a class not in classes.json": geojson([feature(x, y, **{"class": "Lava"})]),
             "no point on an image": geojson([feature(0, 0, **{"class": "Water"})])}.get(case)
+    square = [[x, y], [x + 2, y], [x + 2, y - 2], [x, y - 2], [x, y]]
+    shape = {"an unclosed ring": ("Polygon", [square[:-1]]), "empty coordinates": ("MultiPolygon", []),
+             "a ring of 3 positions": ("MultiPolygon", [[square, square[:2] + square[:1]]]),
+             "a line of 1 position": ("MultiLineString", [square[:2], square[:1]]),
+             "a polygon on no image": ("Polygon", [[[p[0] - 1000, p[1]] for p in square]])}.get(case)
+    if shape:
+        geometry = {"type": shape[0], "coordinates": shape[1]}
+        text = geojson(features + [{"type": "Feature", "properties": {"class": "W"}, "geometry": geometry}])
     path = tmp_path / "clicks.geojson"
     if text is None:
         path = tmp_path / "clicks.csv"
         text = {"a CSV row with bad numbers": "image,x,y,class\na.tif,1,1,Water\na.tif,1.5,2,Water\n",
                 "a CSV row outside its image": "image,x,y,class\na.tif,40,0,Water\n",
                 "a CSV row naming no image": "image,x,y,class\nb.tif,1,1,Water\n",
-                "every class left empty": "image,x,y,class\na.tif,1,1,\n"}[case]
+                "every class left empty": "image,x,y,class\na.tif,1,1,\n",
+                "a stroke of one row": "image,x,y,class,stroke\na.tif,1,1,Water,\na.tif,2,2,Water,7\n",
+                "a stroke of two classes": "image,x,y,class,stroke\na.tif,1,1,W,1\na.tif,9,1,Sea,1\n"}[case]
     if case == "a class not in classes.json":
         classes = json.dumps({"classes": [{"title": "Water", "color": "#0000FF"}]})
         (root / "classes.json").write_text(classes)
@@ -1493,6 +1512,213 @@ def test_partial_masks_and_scribbles_train_as_they_are_with_points_0(tmp_path, c
     said = capsys.readouterr().out
     assert "(1 patches, 106 labelled pixels)" in said  # 2 x 45 + 4 x 4 in the one training image
     assert not (tmp_path / "run" / "points.csv").exists()  # nothing drawn: the scribbles are the labels
+
+
+# ---------------------------------------------------------------------------- drawn labels: lines, polygons
+
+
+def inside_by_ray_casting(rings, w, h):
+    """The reference for shapes.polygon_pixels, written another way: for every pixel centre (column i,
+    row j at (i, j)) at once, the parity of the edges a ray to the right crosses, each edge tested by the
+    sign of a cross product (no division), taking an edge's rows half-open as the scanline does."""
+    rows, cols = np.mgrid[0:h, 0:w].astype(float)
+    inside = np.zeros((h, w), bool)
+    for ring in rings:
+        for (x1, y1), (x2, y2) in zip(ring[:-1], ring[1:]):
+            spans = (y1 <= rows) != (y2 <= rows)
+            right = np.sign((x2 - x1) * (rows - y1) - (cols - x1) * (y2 - y1)) == np.sign(y2 - y1)
+            inside ^= spans & right
+    return inside
+
+
+def as_mask(pixels, w, h):
+    mask = np.zeros((h, w), bool)
+    mask[pixels[1], pixels[0]] = True
+    return mask
+
+
+def test_a_polygon_labels_the_pixels_whose_centre_lies_inside_it_holes_and_half_pixels_included():
+    rng = np.random.default_rng(0)
+    w, h = 21, 17
+    for k in range(300):  # rings on the pixel grid, on the half-pixel grid (centres on edges), anywhere
+        rings = []
+        for _ in range(rng.integers(1, 4)):  # an outer ring and holes, or rings that cross
+            grids = [rng.integers(-3, 26, (6, 2)), rng.integers(-6, 50, (6, 2)) / 2,
+                     rng.uniform(-3, 25, (6, 2))]
+            corners = grids[k % 3][: rng.integers(3, 7)]
+            rings.append(np.vstack([corners, corners[:1]]).astype(float))
+        labelled = as_mask(shapes.polygon_pixels(rings, (w, h)), w, h)
+        assert (labelled == inside_by_ray_casting(rings, w, h)).all()
+    # GDAL's pixel corners (2, 2) to (7, 7) are (1.5, 1.5) to (6.5, 6.5) here: pixels 2 to 6, a hole 3 to 4
+    square = lambda a, b: np.array([(a, a), (b, a), (b, b), (a, b), (a, a)], float)
+    labelled = as_mask(shapes.polygon_pixels([square(1.5, 6.5), square(3.5, 5.5)[::-1]], (w, h)), w, h)
+    expected = np.zeros((h, w), bool)
+    expected[2:7, 2:7], expected[4:6, 4:6] = True, False
+    assert (labelled == expected).all()
+    # edges through pixel centres: in on the left and top, out on the right and bottom; two polygons
+    # that share an edge share no pixel and leave none out
+    expected[:] = False
+    expected[2:6, 2:6] = True
+    assert (as_mask(shapes.polygon_pixels([square(2, 6)], (w, h)), w, h) == expected).all()
+    halves = [np.array(t, float) for t in
+              [[(2, 2), (9, 2), (2, 9), (2, 2)], [(9, 2), (9, 9), (2, 9), (9, 2)]]]
+    a, b = (as_mask(shapes.polygon_pixels([t], (w, h)), w, h) for t in halves)
+    whole = as_mask(shapes.polygon_pixels([square(2, 9)], (w, h)), w, h)
+    assert not (a & b).any() and ((a | b) == whole).all() and whole.sum() == 49
+    # partly off the image: clipped; wholly off: nothing
+    assert as_mask(shapes.polygon_pixels([square(-5.5, 3.5)], (w, h)), w, h).sum() == 16
+    assert len(shapes.polygon_pixels([square(30, 40)], (w, h))[0]) == 0
+
+
+def test_a_line_labels_the_pixels_within_half_its_width():
+    w, h = 40, 30
+    line = np.array([(5, 10), (20, 10)], float)  # along the centres of row 10
+    expected = np.zeros((h, w), bool)
+    expected[10, 5:21] = True  # width 1: the row, ends rounded by half a pixel (no more centre)
+    assert (as_mask(shapes.line_pixels(line, 1, (w, h)), w, h) == expected).all()
+    expected[9:12, 4:22] = True  # width 3: three rows, a pixel past each end (distance 1 and sqrt 2 <= 1.5)
+    assert (as_mask(shapes.line_pixels(line, 3, (w, h)), w, h) == expected).all()
+    diagonal = as_mask(shapes.line_pixels(np.array([(0, 0), (10, 10)], float), 1, (w, h)), w, h)
+    assert (np.argwhere(diagonal) == [(k, k) for k in range(11)]).all()  # 8-connected, no corner cut
+    rng = np.random.default_rng(1)
+    for _ in range(50):  # against a distance computed case by case: before the start, past the end, along
+        line, width = rng.uniform(-5, 45, (rng.integers(2, 6), 2)), rng.uniform(0.5, 6)
+        rows, cols = np.mgrid[0:h, 0:w].astype(float)
+        nearest = np.full((h, w), np.inf)
+        for (x1, y1), (x2, y2) in zip(line[:-1], line[1:]):
+            along = ((cols - x1) * (x2 - x1) + (rows - y1) * (y2 - y1)) / ((x2 - x1) ** 2 + (y2 - y1) ** 2)
+            across = np.abs((x2 - x1) * (rows - y1) - (y2 - y1) * (cols - x1)) / np.hypot(x2 - x1, y2 - y1)
+            d = np.where(along < 0, np.hypot(cols - x1, rows - y1),
+                         np.where(along > 1, np.hypot(cols - x2, rows - y2), across))
+            nearest = np.minimum(nearest, d)
+        assert (as_mask(shapes.line_pixels(line, width, (w, h)), w, h) == (nearest <= width / 2)).all()
+
+
+def test_labels_of_two_classes_on_one_pixel_leave_it_without_a_label(capsys):
+    by_image = {"a": [(1, 1, 0), (1, 1, 0), (2, 2, 0), (3, 3, 1), (2, 2, 1), (2, 2, 0)],
+                "b": [(5, 5, 2), (5, 5, 1)]}  # a point on a shape of another class, say
+    assert shapes.one_class_per_pixel(by_image) == {"a": [(1, 1, 0), (3, 3, 1)]}
+    assert "2 pixel(s) claimed by two classes or more are left without a label" in capsys.readouterr().out
+
+
+def test_strokes_and_polygons_of_a_pixel_csv_in_any_column_order(tmp_path):
+    info = {"a.png": ((40, 30), None)}
+    rows = ["stroke,polygon,class,y,x,image", "1,,Water,10,5,a.png", "1,,Water,10.0,20,a.png",  # a stroke
+            ",,Land,1,1,a.png",  # a point
+            "1,,Water,20,30,a.png", "1,,Water,25,30,a.png", "1,,Water,40,30,a.png",  # another: apart
+            ",4,Land,20,10,a.png", ",4,Land,20,14,a.png", ",4,Land,24,14,a.png", ",4,Land,24,10,a.png"]
+    (tmp_path / "page.csv").write_text("\n".join(rows) + "\n")
+    by_image, names = clicks.read_clicks([tmp_path / "page.csv"], info, line_width=1)
+    expected = {(x, 10, 1) for x in range(5, 21)} | {(30, y, 1) for y in range(20, 30)} | {(1, 1, 0)}
+    expected |= {(x, y, 0) for x in range(10, 14) for y in range(20, 24)}  # a ring through pixel centres
+    assert names == ["Land", "Water"] and sorted(by_image["a.png"]) == sorted(expected)
+
+
+def qgis_layer(epsg=32640):
+    """Features as QGIS exports a layer: a MultiPolygon with a hole and a Polygon overlapping it on a.tif,
+    a MultiLineString along pixel centres on b.tif and, partly off it, on c.tif, and a Point on c.tif.
+    -> (GeoJSON features, {(image, column, row, class)} expected for --line-width 1, pixels claimed twice)."""
+    a = lambda i, j: [500000 + 0.5 * i, 2800000 - 0.5 * j]  # a.tif: GDAL's pixel corner (i, j) on the map
+    b = lambda col, row: list(centre_on_map(col, row, (0.0, 0.0, 500200.0, 2800000.0)))
+    c = lambda col, row: [501000.25 + 0.5 * col, 2800000 - 0.25 - 0.5 * row]  # c.tif's world file
+    ring = lambda f, lo, hi: [f(lo, lo), f(hi, lo), f(hi, hi), f(lo, hi), f(lo, lo)]
+    geometries = [("Water", "MultiPolygon", [[ring(a, 10, 30), ring(a, 15, 20)[::-1]]]),
+                  ("Land", "Polygon", [ring(a, 25, 40)]),
+                  ("Road", "MultiLineString", [[b(5, 40), b(30, 40)], [c(50, -20), c(50, 10)]]),
+                  ("Building", "Point", c(60, 60))]
+    features = [{"type": "Feature", "properties": {"fid": k + 1, "class": name},
+                 "geometry": {"type": kind, "coordinates": coordinates}}
+                for k, (name, kind, coordinates) in enumerate(geometries)]
+    square = lambda lo, hi: {(i, j) for i in range(lo, hi) for j in range(lo, hi)}
+    water, land = square(10, 30) - square(15, 20), square(25, 40)
+    pixels = {("a.tif", i, j, "Water") for i, j in water - land}
+    pixels |= {("a.tif", i, j, "Land") for i, j in land - water}
+    pixels |= {("b.tif", i, 40, "Road") for i in range(5, 31)} | {("c.tif", 50, j, "Road") for j in range(11)}
+    return features, pixels | {("c.tif", 60, 60, "Building")}, len(water & land)
+
+
+def test_a_qgis_layer_of_polygons_lines_and_points_trains_maps_and_suggests(tiny, tmp_path, capsys):
+    root = tmp_path / "scenes"
+    scenes_and_clicks(tiny, root)
+    features, expected, twice = qgis_layer()
+    (tmp_path / "layer.geojson").write_text(geojson(features))
+    run, out = tmp_path / "run", tmp_path / "maps"
+    train.main(tiny_args(root, run, "--labels", str(tmp_path / "layer.geojson"), "--line-width", "1",
+                         "--val-images", "0", "--patch", "32", "--batch-size", "32"))  # one step: 7 patches
+    said = capsys.readouterr().out
+    assert f"{twice} pixel(s) claimed by two classes or more are left without a label" in said
+    classes = [c["title"] for c in json.loads((run / "classes.json").read_text())["classes"]]
+    trained = {(r["image"], int(r["x"]), int(r["y"]), classes[int(r["class"])])
+               for r in csv.DictReader(open(run / "points.csv"))}
+    assert trained == expected and twice == 25
+    assert predict.main(["--ckpt", str(run / "ckpt.pt"), str(root), "--out", str(out), "--suggest", "2",
+                         "--device", "cpu", "--precision", "fp32"]) == 0
+    assert len(json.loads((out / "suggestions.geojson").read_text())["features"]) == 3 * 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyproj") is None, reason="needs pyproj: pip install pyproj")
+def test_shapes_in_longitude_and_latitude_land_on_the_pixels_of_their_utm_vertices(tiny, tmp_path, capsys):
+    import pyproj
+
+    root = tmp_path / "scenes"
+    scenes_and_clicks(tiny, root)
+    info = {n: scene.image_info(root / n) for n in ["a.tif", "b.tif"]}  # c.tif's system is unknown
+    features, _, _ = qgis_layer()
+    (tmp_path / "utm.geojson").write_text(geojson(features))
+    to_lonlat = pyproj.Transformer.from_crs("EPSG:32640", "EPSG:4326", always_xy=True)
+    move = lambda c: list(to_lonlat.transform(*c)) if isinstance(c[0], float) else [move(p) for p in c]
+    for f in features:
+        f["geometry"]["coordinates"] = move(f["geometry"]["coordinates"])
+    (tmp_path / "lonlat.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    utm = clicks.read_clicks([tmp_path / "utm.geojson"], info, line_width=1)
+    assert clicks.read_clicks([tmp_path / "lonlat.geojson"], info, line_width=1) == utm  # RFC 7946: no crs
+    assert "read as RFC 7946 GeoJSON" in capsys.readouterr().out
+
+
+def test_bad_geometry_from_the_command_line_is_one_line_and_exit_code_2(tmp_path):
+    root = tmp_path / "scenes"
+    root.mkdir()
+    save_geotiff(root / "a.tif", np.zeros((30, 40, 3), np.uint8), geotiff_tags())
+    x, y = centre_on_map(3, 3)
+    ring = {"type": "Polygon", "coordinates": [[[x, y], [x + 2, y], [x + 2, y - 2], [x, y - 1]]]}
+    (tmp_path / "layer.geojson").write_text(geojson([{"type": "Feature", "properties": {"class": "W"},
+                                                      "geometry": ring}]))
+    r = run_script("train.py", *tiny_args(root, tmp_path / "run", "--labels", tmp_path / "layer.geojson"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "layer.geojson: feature 0: ring 0 of the Polygon is not closed" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulated_annotators_stay_in_one_class_and_spend_the_time_given(tiny, tmp_path, capsys):
+    names, colours = layout.read_classes(tiny)
+    files, _, masks = tile_masks(tiny, [1, 2], colours)
+    info = {n: scene.image_info(tiny / n) for n in files}
+    patches = sum((m[y : y + 32, x : x + 32] != data.IGNORE).any() for m in masks
+                  for y in (0, 32, 64) for x in (0, 32, 64))  # the 32x32 grid patches with a class
+    for kind, seconds in [("points", 2.4), ("strokes", 10.9), ("polygons", 14.4)]:
+        out = tmp_path / f"{kind}.csv"
+        simulate.main(["--data", str(tiny), "--tiles", "1,2", "--kind", kind, "--seconds", "30",
+                       "--patch", "32", "--out", str(out), "--seed", "1"])
+        said = capsys.readouterr().out
+        rows = list(csv.DictReader(open(out)))
+        labels = len(rows) if kind == "points" else len({r[kind[:-1]] for r in rows})
+        budget = 30 * patches
+        assert "0 found no place" in said and f"{labels} labels on {patches} patches" in said
+        if kind == "points":  # 30 / 2.4 = 12.5: whole points per patch, those --points 12 draws
+            assert labels == 12 * patches
+            drawn = data.sample_points(masks, 32, 12, seed=1)[0]
+            written = [(r["image"], int(r["x"]), int(r["y"])) for r in rows]
+            assert written == [(files[i], x, y) for i, x, y, _ in drawn]
+        else:
+            assert budget - seconds < labels * seconds <= budget + 1e-6  # the leftover passes on
+        by_image, _ = clicks.read_clicks([out], info, names, line_width=3)  # as train.py reads it
+        for name, mask in zip(files, masks):
+            xs, ys, cs = np.array(by_image[name]).T
+            assert (mask[ys, xs] == cs).all()  # every labelled pixel has the mask's class
+        pixels = sum(len(v) for v in shapes.one_class_per_pixel(by_image).values())
+        assert f"{pixels} labelled pixels" in said
+        if kind == "strokes":
+            assert pixels > 10 * labels  # a stroke is many pixels
 
 
 # ---------------------------------------------------------------------------- the click page

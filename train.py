@@ -207,7 +207,7 @@ def main(argv=None):
     # data: the images, the labels they are trained on, and what validation scores against
     root = find_data(args, rank, world)
     d = layout.run_data(args, root)
-    check_patch(args.patch, d["images"])
+    layout.check_patch(args.patch, d["images"])
     labels, points = make_labels(args, d)
     dataset = data.PatchDataset(d["images"], labels, args.patch, augment=True, seed=args.seed)
     loader = make_loader(dataset, args, device, rank, world)
@@ -312,27 +312,17 @@ def choose_precision(args, ckpt, device, model, rank, world):
     return dtype[0]
 
 
-def check_patch(patch, images):
-    """A patch larger than every training image would train on padding: refused. Images smaller
-    than a patch are padded, and a line says how many."""
-    largest = max((im.shape[:2] for im in images), key=max)
-    if patch > max(largest):
-        raise DataError(f"--patch {patch}: larger than every training image (the largest is "
-                        f"{largest[1]}x{largest[0]}); at most {max(largest) // 32 * 32} here")
-    small = sum(min(im.shape[:2]) < patch for im in images)
-    if small:
-        print(f"--patch {patch}: {small} of {len(images)} training images are smaller and are padded with "
-              "mirrored pixels (no labels there)")
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a U-Net (ResNet-34 encoder) from point labels with pfCE.")
     add = p.add_argument
     add("--data", help=f"a folder of images (the Kaggle tile layout or any other; default: "
         f"'{KAGGLE.relative_to(HERE)}' if there, else a synthetic set)")
-    add("--point-labels", nargs="+", metavar="FILE",
-        help="your clicks: CSV image,x,y,class in pixels, or GeoJSON points in map coordinates; several "
-        "files add up (default: points drawn from the dense masks)")
+    add("--point-labels", "--labels", nargs="+", metavar="FILE",
+        help="your labels: CSV image,x,y,class in pixels (strokes and polygons as runs of rows), or GeoJSON "
+        "points, lines and polygons in map coordinates; several files add up (default: points drawn from "
+        "the dense masks)")
+    add("--line-width", type=float, default=3, help="width in pixels of the lines and strokes of --point-"
+        "labels: they label the pixels whose centre lies within half of it (default: %(default)s)")
     add("--class-field", help="GeoJSON property or CSV column of the class (default: class, class_name, "
         "label or class_id)")
     add("--points", type=int, default=100,
@@ -383,6 +373,7 @@ def get_args(argv=None):
         ("lr", 0 < args.lr < math.inf, "a number more than 0"),
         ("gamma", 0 <= args.gamma < math.inf, "0 (plain cross-entropy) or more"),
         ("alpha", 0 < args.alpha < math.inf, "more than 0 (at 0 the loss is 0: nothing is learned)"),
+        ("line_width", 0 < args.line_width < math.inf, "a number of pixels more than 0"),
         ("patch", args.patch >= 32 and args.patch % 32 == 0, "a multiple of 32 (the encoder's stride)"),
         ("ema", 0 <= args.ema < 1, "from 0 (off) to less than 1"),
         ("seed", 0 <= args.seed < 2**32, "from 0 to 2**32 - 1"),
