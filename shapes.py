@@ -95,10 +95,10 @@ def drawn_rows(kind, positions, info, line_width):
         raise DataError(f"{other}: the rows of one {kind} must name one image and one class ({where} names "
                         f"{name}, {value!r})")
     xy = np.array([(x, y) for _, _, x, y, _ in positions], float)
-    need = 2 if kind == "stroke" else 3
-    if len(xy) < need:
-        raise DataError(f"{where}: a {kind} of {len(xy)} row(s); it needs {need} positions at least")
-    parts = [[xy]] if kind == "stroke" else [[np.vstack([xy, xy[:1]])]]
+    if kind == "polygon" and len(xy) < 3:
+        raise DataError(f"{where}: a polygon of {len(xy)} row(s); it needs 3 positions at least")
+    parts = [[np.vstack([xy, xy[-1:]])]] if kind == "stroke" else [[np.vstack([xy, xy[:1]])]]  # a stroke
+    # of one row (a short drag on the page) is a dot of --line-width
     cols, rows = pixels("LineString" if kind == "stroke" else "Polygon", parts, info[name][0], line_width)
     if not len(cols):
         raise DataError(f"{where}: the {kind} covers no pixel of {name}")

@@ -1360,7 +1360,7 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     ("a ring of 3 positions", "feature 1: ring 1 of polygon 0 of the MultiPolygon has 3 position.s.; a clo"),
     ("a line of 1 position", r"feature 1: line 1 of the MultiLineString has 1 position\(s\); a line needs 2"),
     ("a polygon on no image", "feature 1: the Polygon covers no pixel of any image"),
-    ("a stroke of one row", r"clicks.csv:3: a stroke of 1 row\(s\); it needs 2 positions at least"),
+    ("a polygon of two rows", r"clicks.csv:3: a polygon of 2 row\(s\); it needs 3 positions at least"),
     ("a stroke of two classes", "clicks.csv:3: the rows of one stroke must name one image and one class"),
 ])
 def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, case, message):
@@ -1395,7 +1395,8 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
                 "a CSV row outside its image": "image,x,y,class\na.tif,40,0,Water\n",
                 "a CSV row naming no image": "image,x,y,class\nb.tif,1,1,Water\n",
                 "every class left empty": "image,x,y,class\na.tif,1,1,\n",
-                "a stroke of one row": "image,x,y,class,stroke\na.tif,1,1,Water,\na.tif,2,2,Water,7\n",
+                "a polygon of two rows": "image,x,y,class,polygon\na.tif,1,1,Water,\na.tif,2,2,Water,7\n"
+                                         "a.tif,3,2,Water,7\n",
                 "a stroke of two classes": "image,x,y,class,stroke\na.tif,1,1,W,1\na.tif,9,1,Sea,1\n"}[case]
     if case == "a class not in classes.json":
         classes = json.dumps({"classes": [{"title": "Water", "color": "#0000FF"}]})
@@ -1606,10 +1607,12 @@ def test_strokes_and_polygons_of_a_pixel_csv_in_any_column_order(tmp_path):
     rows = ["stroke,polygon,class,y,x,image", "1,,Water,10,5,a.png", "1,,Water,10.0,20,a.png",  # a stroke
             ",,Land,1,1,a.png",  # a point
             "1,,Water,20,30,a.png", "1,,Water,25,30,a.png", "1,,Water,40,30,a.png",  # another: apart
-            ",4,Land,20,10,a.png", ",4,Land,20,14,a.png", ",4,Land,24,14,a.png", ",4,Land,24,10,a.png"]
+            ",4,Land,20,10,a.png", ",4,Land,20,14,a.png", ",4,Land,24,14,a.png", ",4,Land,24,10,a.png",
+            "2,,Land,5,35,a.png"]  # a stroke of one row (a short drag on the page): a dot
     (tmp_path / "page.csv").write_text("\n".join(rows) + "\n")
     by_image, names = clicks.read_clicks([tmp_path / "page.csv"], info, line_width=1)
     expected = {(x, 10, 1) for x in range(5, 21)} | {(30, y, 1) for y in range(20, 30)} | {(1, 1, 0)}
+    expected |= {(35, 5, 0)}
     expected |= {(x, y, 0) for x in range(10, 14) for y in range(20, 24)}  # a ring through pixel centres
     assert names == ["Land", "Water"] and sorted(by_image["a.png"]) == sorted(expected)
 
