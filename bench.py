@@ -77,17 +77,20 @@ def smp_focal_loss(logits, labels):
     return sigmoid_focal_loss(picked, target, alpha=-1, gamma=2, reduction="sum") / max(len(picked), 1)
 
 
-def train_step_fn(model, loss_fn, device, dtype, batch, patch, contiguous=False):
+def train_step_fn(model, loss_fn, device, dtype, batch, patch, contiguous=False, bands=3):
     """One optimizer step on a fixed batch with 100 point labels per patch, as train.py does it
-    (channels_last memory) or, with `contiguous`, as the reference recipe does (NCHW)."""
+    (channels_last memory) or, with `contiguous`, as the reference recipe does (NCHW). More than 3
+    bands come as 16-bit samples with the data set's per-band scale, as a multispectral scene does."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.randint(0, 256, (batch, patch, patch, 3), dtype=torch.uint8, device=device)
+    kind, top, norm = (torch.uint8, 256, "imagenet") if bands == 3 else (torch.int32, 10000, None)
+    images = torch.randint(0, top, (batch, patch, patch, bands), dtype=kind, device=device)
+    norm = norm or {"mean": [5000.0] * bands, "std": [2900.0] * bands}
     labels = torch.full((batch, patch, patch), data.IGNORE, dtype=torch.uint8, device=device)
     points = torch.randint(0, 6, (batch, 100), dtype=torch.uint8, device=device)
     labels.view(batch, -1)[:, torch.randperm(patch * patch)[:100]] = points
 
     def step():
-        x = to_input(images).contiguous() if contiguous else to_input(images)
+        x = to_input(images, norm).contiguous() if contiguous else to_input(images, norm)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != FP32):
             logits = model(x)
         loss = loss_fn(logits, labels)
@@ -98,9 +101,9 @@ def train_step_fn(model, loss_fn, device, dtype, batch, patch, contiguous=False)
     return step
 
 
-def flops_per_patch(model, patch):
+def flops_per_patch(model, patch, bands=3):
     """Forward + backward FLOPs of one patch, counted by torch."""
-    x = torch.randn(1, 3, patch, patch)
+    x = torch.randn(1, bands, patch, patch)
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
     model.zero_grad(set_to_none=True)
@@ -139,24 +142,30 @@ def main(argv=None):
         ref_model, ref_name = build_model(6, "none"), "this U-Net + smp's focal loss (no smp here)"
     ref_model = ref_model.to(device)
     reference = train_step_fn(ref_model, smp_focal_loss, device, FP32, batch, patch, contiguous=True)
-    rows = {"reference": timed(reference, device, reps)}
+    rows, flops_of = {"reference": timed(reference, device, reps)}, {}
     model = build_model(6, "none").to(device, memory_format=torch.channels_last)
     ours = {dt: train_step_fn(model, partial_focal_ce, device, dt, batch, patch) for dt in dtypes}
     rows["malloc defaults"] = timed(ours[FP32], device, reps)
     keep_freed_memory()  # what train.py and predict.py do first
     for dt in dtypes:
         rows[dt] = timed(ours[dt], device, reps)
+    for n in (4, 13):  # a first convolution of N bands: the rest of the network is the same
+        bands = build_model(6, "none", in_channels=n).to(device, memory_format=torch.channels_last)
+        rows[n] = timed(train_step_fn(bands, partial_focal_ce, device, FP32, batch, patch, bands=n), device, reps)
+        flops_of[n] = flops_per_patch(build_model(6, "none", in_channels=n), patch, n)
     names = {
         "reference": f"reference: {ref_name}, fp32, contiguous",
         "malloc defaults": "ours, fp32, channels_last, glibc malloc defaults",
         FP32: "ours, fp32, channels_last",
         BF16: "ours, bf16, channels_last",
+        4: "ours, fp32, channels_last, 4 bands (16-bit)",
+        13: "ours, fp32, channels_last, 13 bands (16-bit)",
     }
     print(f"{'training step':<58}{'patches/s':>10}{'GFLOP/s':>9}{'of peak':>9}{'x ref':>7}")
     for k, seconds in rows.items():
         dt = k if k in peaks else FP32
         speed = batch / seconds
-        gflops, ratio = speed * flops / 1e9, rows["reference"] / seconds
+        gflops, ratio = speed * flops_of.get(k, flops) / 1e9, rows["reference"] / seconds
         print(f"  {names[k]:<56}{speed:>10.2f}{gflops:>9.0f}{gflops / peaks[dt]:>9.0%}{ratio:>7.2f}")
     chosen = pick_dtype("auto", device, model, train=True)
     fastest = min(rows[dt] for dt in dtypes)
