@@ -135,7 +135,9 @@ def load_checkpoint(path, device="cpu", mmap=True):
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        model = ResNetUNet(len(ckpt["classes"]), ckpt["model"]["conv1.weight"].shape[1])
+        with torch.device("meta"):  # no random init of weights that are replaced at once
+            model = ResNetUNet(len(ckpt["classes"]), ckpt["model"]["conv1.weight"].shape[1])
+        model = model.to_empty(device="cpu")
         model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint")

@@ -1293,7 +1293,8 @@ def test_a_resumed_auto_run_keeps_the_precision_it_chose(tiny, tmp_path, monkeyp
     monkeypatch.setattr(speed, "bf16_possible", lambda device: True)
     timings = {torch.float32: 0.2, torch.bfloat16: 0.1}  # bf16 the faster when the run starts
     monkeypatch.setattr(speed, "time_network", lambda m, device, dtype, train, size: timings[dtype])
-    args = tiny_args(tiny, tmp_path / "run")[:-4] + ["--device", "cpu", "--precision", "auto"]
+    mini = synthetic.make_synthetic(tmp_path / "mini", tiles=2, per_tile=1, size=64)  # bf16 may be emulated
+    args = tiny_args(mini, tmp_path / "run", "--patch", "32")[:-4] + ["--device", "cpu", "--precision", "auto"]
     train.main(args)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["precision"] == "bf16"
     timings = {torch.float32: 0.1, torch.bfloat16: 0.2}  # a busy or another machine: fp32 now times faster
@@ -2587,13 +2588,14 @@ def test_predict_never_writes_over_maps_nor_over_filled_in_suggestions(tiny_run,
     assert (out / "suggestions.csv").read_bytes() == filled
 
 
-def test_existing_runs_are_refused_unless_resumed_or_overwritten(tiny, tmp_path):
-    args = tiny_args(tiny, tmp_path / "run")
+def test_existing_runs_are_refused_unless_resumed_or_overwritten(tmp_path):
+    mini = synthetic.make_synthetic(tmp_path / "mini", tiles=2, per_tile=1, size=64)  # five runs: small ones
+    args = tiny_args(mini, tmp_path / "run", "--patch", "32")
     train.main(args)
     with pytest.raises(DataError, match="already holds a run"):
         train.main(args)
     changed = [("--lr", "0.01"), ("--points", "7"), ("--seed", "3"), ("--batch-size", "2"), ("--gamma", "1"),
-               ("--val-tiles", "2"), ("--class-weights", "none"), ("--patch", "32"), ("--bands", "3,2,1")]
+               ("--val-tiles", "1"), ("--class-weights", "none"), ("--patch", "64"), ("--bands", "3,2,1")]
     for flag, value in changed:
         with pytest.raises(DataError, match=f"--resume: {flag} .* differs from the run's"):
             train.main(args + ["--resume", flag, value])
@@ -2655,15 +2657,15 @@ def wait_for_epochs(run, n, proc, timeout=120):
 
 
 def test_kill_9_then_resume_gives_the_same_loss_table(tiny, tmp_path):
-    args = tiny_args(tiny, tmp_path / "killed", "--epochs", "3")
+    args = tiny_args(tiny, tmp_path / "killed", "--epochs", "2")
     command = [sys.executable, str(HERE / "train.py"), *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    wait_for_epochs(tmp_path / "killed", 2, proc)
-    proc.send_signal(signal.SIGKILL)  # in epoch 3
+    wait_for_epochs(tmp_path / "killed", 1, proc)
+    proc.send_signal(signal.SIGKILL)  # in epoch 2
     proc.wait()
     resumed = run_script("train.py", *args, "--resume")
-    assert resumed.returncode == 0 and "after epoch 2" in resumed.stdout, resumed.stdout + resumed.stderr
-    train.main(tiny_args(tiny, tmp_path / "whole", "--epochs", "3"))
+    assert resumed.returncode == 0 and "after epoch 1" in resumed.stdout, resumed.stdout + resumed.stderr
+    train.main(tiny_args(tiny, tmp_path / "whole", "--epochs", "2"))
     runs = [tmp_path / "killed", tmp_path / "whole"]
     history = [json.loads((run / "metrics.json").read_text())["history"] for run in runs]
     assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]]
