@@ -70,6 +70,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mini(tmp_path_factory):
+    """Smaller still, for tests that train several runs: 2 tiles of one 64x64 image (train with --patch 32)."""
+    return synthetic.make_synthetic(tmp_path_factory.mktemp("mini") / "set", tiles=2, per_tile=1, size=64)
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tiny, tmp_path_factory):
     """One epoch trained on the tiny set -> (the model train.main returned, its run folder)."""
     run = tmp_path_factory.mktemp("tiny_run") / "run"
@@ -1289,11 +1295,10 @@ def test_dense_masks_end_to_end_with_points_0(tiny, tmp_path, capsys):
     assert not (tmp_path / "run" / "points.csv").exists() and (tmp_path / "run" / "panel.png").exists()
 
 
-def test_a_resumed_auto_run_keeps_the_precision_it_chose(tiny, tmp_path, monkeypatch, capsys):
+def test_a_resumed_auto_run_keeps_the_precision_it_chose(mini, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(speed, "bf16_possible", lambda device: True)
     timings = {torch.float32: 0.2, torch.bfloat16: 0.1}  # bf16 the faster when the run starts
     monkeypatch.setattr(speed, "time_network", lambda m, device, dtype, train, size: timings[dtype])
-    mini = synthetic.make_synthetic(tmp_path / "mini", tiles=2, per_tile=1, size=64)  # bf16 may be emulated
     args = tiny_args(mini, tmp_path / "run", "--patch", "32")[:-4] + ["--device", "cpu", "--precision", "auto"]
     train.main(args)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["precision"] == "bf16"
@@ -2588,8 +2593,7 @@ def test_predict_never_writes_over_maps_nor_over_filled_in_suggestions(tiny_run,
     assert (out / "suggestions.csv").read_bytes() == filled
 
 
-def test_existing_runs_are_refused_unless_resumed_or_overwritten(tmp_path):
-    mini = synthetic.make_synthetic(tmp_path / "mini", tiles=2, per_tile=1, size=64)  # five runs: small ones
+def test_existing_runs_are_refused_unless_resumed_or_overwritten(mini, tmp_path):
     args = tiny_args(mini, tmp_path / "run", "--patch", "32")
     train.main(args)
     with pytest.raises(DataError, match="already holds a run"):
@@ -2624,19 +2628,19 @@ def test_the_moving_average_starts_from_the_first_step_not_the_random_init(tiny,
     assert (first_step - saved["trained"]["head.weight"]).abs().max() > 1e-4  # and the second step ~0
 
 
-def test_a_resumed_run_with_a_moving_average_restores_both_weights(tiny, tmp_path):
-    constant = ["--lr-schedule", "constant"]  # one epoch and two then follow the same lr
-    train.main(tiny_args(tiny, tmp_path / "whole", "--ema", "0.5", "--epochs", "2", *constant))
-    train.main(tiny_args(tiny, tmp_path / "resumed", "--ema", "0.5", *constant))
+def test_a_resumed_run_with_a_moving_average_restores_both_weights(mini, tmp_path):
+    constant = ["--lr-schedule", "constant", "--patch", "32"]  # one epoch and two then follow the same lr
+    train.main(tiny_args(mini, tmp_path / "whole", "--ema", "0.5", "--epochs", "2", *constant))
+    train.main(tiny_args(mini, tmp_path / "resumed", "--ema", "0.5", *constant))
     with pytest.raises(DataError, match="--resume: --ema 0.0 differs from the run's 0.5"):
-        train.main(tiny_args(tiny, tmp_path / "resumed", "--resume", "--epochs", "2", *constant))
-    train.main(tiny_args(tiny, tmp_path / "resumed", "--ema", "0.5", "--resume", "--epochs", "2", *constant))
+        train.main(tiny_args(mini, tmp_path / "resumed", "--resume", "--epochs", "2", *constant))
+    train.main(tiny_args(mini, tmp_path / "resumed", "--ema", "0.5", "--resume", "--epochs", "2", *constant))
     whole, resumed = [torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("whole", "resumed")]
     for weights in ("model", "trained"):  # the average predict.py maps with, and the trained weights
         assert all(torch.equal(whole[weights][k], resumed[weights][k]) for k in whole[weights]), weights
     assert not torch.equal(whole["model"]["head.weight"], whole["trained"]["head.weight"])
     out = tmp_path / "scored"  # validation scored the average: predict.py's numbers from the checkpoint
-    predict.main(["--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--data", str(tiny), "--tiles", "3", "--out",
+    predict.main(["--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--data", str(mini), "--tiles", "2", "--out",
                   str(out), "--precision", "fp32", "--device", "cpu"])
     validated = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"][-1]
     assert json.loads((out / "metrics.json").read_text())["iou"] == validated["iou"]
@@ -2705,15 +2709,23 @@ def test_non_finite_loss_stops_with_step_and_images(tiny, tmp_path, monkeypatch,
 
 
 @pytest.mark.skipif(not os.environ.get("AERIAL_DATA"), reason="AERIAL_DATA names a Kaggle-layout data set")
-def test_real_data_one_small_tile(tmp_path):
-    root = Path(os.environ["AERIAL_DATA"])
-    tile = min(layout.list_tiles(root), key=lambda t: Image.open(layout.list_tiles(root)[t][0]).size[0])
-    args = ["--data", str(root), "--train-tiles", str(tile), "--val-tiles", str(tile), "--epochs", "1"]
+def test_real_data_two_images_of_a_small_tile(tmp_path):
+    real = Path(os.environ["AERIAL_DATA"])
+    tile = min(layout.list_tiles(real), key=lambda t: Image.open(layout.list_tiles(real)[t][0]).size[0])
+    root = tmp_path / "set"  # its first two images, one a tile, with their masks, as the data set is laid out
+    root.mkdir()
+    (root / "classes.json").write_bytes((real / "classes.json").read_bytes())
+    for k, image in enumerate(layout.list_tiles(real)[tile][:2]):
+        for path in (image, layout.mask_path(image)):
+            copy = root / f"Tile {k + 1}" / path.parent.name / path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
+    args = ["--data", str(root), "--train-tiles", "1", "--val-tiles", "2", "--epochs", "1"]
     train.main(args + ["--out", str(tmp_path / "run"), "--weights", "none"])
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert 0 < history[0]["loss"] < 1 and 0 < history[0]["miou"] <= 1
     _, colours = layout.read_classes(root)
-    names, _, masks = tile_masks(root, [tile], colours)
+    names, _, masks = tile_masks(root, [1], colours)
     rows = [r.split(",") for r in (tmp_path / "run" / "points.csv").read_text().splitlines()[1:]]
     n_patches = sum(len(data.grid(m.shape[0], 256)) * len(data.grid(m.shape[1], 256)) for m in masks)
     assert len(rows) == 100 * n_patches
