@@ -71,7 +71,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mini(tmp_path_factory):
-    """Smaller still, for tests that train several runs: 2 tiles of one 64x64 image (train with --patch 32)."""
+    """Smaller still, for tests that train several runs: 2 tiles of one 64x64 image (--patch 32)."""
     return synthetic.make_synthetic(tmp_path_factory.mktemp("mini") / "set", tiles=2, per_tile=1, size=64)
 
 
@@ -1299,7 +1299,8 @@ def test_a_resumed_auto_run_keeps_the_precision_it_chose(mini, tmp_path, monkeyp
     monkeypatch.setattr(speed, "bf16_possible", lambda device: True)
     timings = {torch.float32: 0.2, torch.bfloat16: 0.1}  # bf16 the faster when the run starts
     monkeypatch.setattr(speed, "time_network", lambda m, device, dtype, train, size: timings[dtype])
-    args = tiny_args(mini, tmp_path / "run", "--patch", "32")[:-4] + ["--device", "cpu", "--precision", "auto"]
+    args = tiny_args(mini, tmp_path / "run")[:-4]  # without its --precision and --device
+    args += ["--patch", "32", "--device", "cpu", "--precision", "auto"]
     train.main(args)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["precision"] == "bf16"
     timings = {torch.float32: 0.1, torch.bfloat16: 0.2}  # a busy or another machine: fp32 now times faster
