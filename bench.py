@@ -82,9 +82,12 @@ def train_step_fn(model, loss_fn, device, dtype, batch, patch, contiguous=False,
     (channels_last memory) or, with `contiguous`, as the reference recipe does (NCHW). More than 3
     bands come as 16-bit samples with the data set's per-band scale, as a multispectral scene does."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    kind, top, norm = (torch.uint8, 256, "imagenet") if bands == 3 else (torch.int32, 10000, None)
-    images = torch.randint(0, top, (batch, patch, patch, bands), dtype=kind, device=device)
-    norm = norm or {"mean": [5000.0] * bands, "std": [2900.0] * bands}
+    shape = (batch, patch, patch, bands)
+    if bands == 3:  # an 8-bit photo
+        images, norm = torch.randint(0, 256, shape, dtype=torch.uint8, device=device), "imagenet"
+    else:  # 16-bit samples, normalised by the data set's per-band mean and std
+        images = torch.randint(0, 10000, shape, dtype=torch.int32, device=device)
+        norm = {"mean": [5000.0] * bands, "std": [2900.0] * bands}
     labels = torch.full((batch, patch, patch), data.IGNORE, dtype=torch.uint8, device=device)
     points = torch.randint(0, 6, (batch, 100), dtype=torch.uint8, device=device)
     labels.view(batch, -1)[:, torch.randperm(patch * patch)[:100]] = points
