@@ -124,8 +124,9 @@ def read_mask(path, colours, shape):
                 mask[~s["valid"]] = IGNORE
             return mask, int((mask == IGNORE).sum())
     rgb = np.broadcast_to(samples, shape + (3,)) if samples.shape[2] == 1 else samples[..., :3]
-    rgb = rgb.astype(np.int32)
-    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # one int per colour
+    code = rgb[..., 0].astype(np.int32) << 16  # one int per colour, made a band at a time: less memory
+    code |= rgb[..., 1].astype(np.int32) << 8
+    code |= rgb[..., 2]
     mask = np.full(code.shape, IGNORE, np.uint8)
     for i, (r, g, b) in enumerate(colours):
         mask[code == (r << 16 | g << 8 | b)] = i

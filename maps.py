@@ -50,6 +50,7 @@ def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=Fal
         carry = (acc[:, done:].clone(), wsum[done:].clone())
         rows = min(done, h - y)
         yield acc[:, :rows].div_(wsum[:rows, None])
+        del acc  # gone before the next row of windows makes its own
 
 
 def map_in_bands(model, image, dtype, tta=False, margin=False, progress=False, norm="imagenet"):

@@ -130,8 +130,9 @@ def load_checkpoint(path, device="cpu", mmap=True):
     args...).
 
     mmap: the file is mapped, not read, so only the tensors used come from disk (for inference the
-    optimizer's state, two thirds of the file, never does). A run that resumes trains on that
-    state and replaces the file: it reads it whole (mmap=False).
+    optimizer's state, two thirds of the file, never does), and the dict comes back without the
+    weights and that state. A run that resumes trains on that state and replaces the file: it
+    reads it whole (mmap=False).
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -139,6 +140,8 @@ def load_checkpoint(path, device="cpu", mmap=True):
             model = ResNetUNet(len(ckpt["classes"]), ckpt["model"]["conv1.weight"].shape[1])
         model = model.to_empty(device="cpu")
         model.load_state_dict(ckpt["model"])
+        if mmap:  # the weights are in the model: let go of the mapped file, whose pages read count as memory
+            del ckpt["model"], ckpt["optimizer"]
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint")
     except Exception as e:

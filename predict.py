@@ -203,7 +203,7 @@ def score_tiles(model, meta, args, dtype, out, bands, show):
         mask, _ = layout.read_mask(layout.mask_path(path), colours, image.shape[:2])
         if s["valid"] is not None:
             mask[~s["valid"]] = IGNORE
-        pred = predict_mask(model, image, dtype, tta=args.tta, norm=norm)
+        pred, _ = maps.map_in_bands(model, image, dtype, args.tta, norm=norm)  # a row of windows at a time
         conf = conf + confusion(mask, pred, len(names))
         stem = name.replace("/", "_").rsplit(".", 1)[0]
         shown = scene.display(s["samples"], s["valid"], show)

@@ -39,7 +39,8 @@ class DecoderBlock(nn.Module):
         x = F.interpolate(x, size=size, mode="nearest")
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        return self.conv2(self.conv1(x))
+        x = self.conv1(x)  # two lines, not conv2(conv1(x)): the wide input is freed before conv2 runs
+        return self.conv2(x)
 
 
 class ResNetUNet(nn.Module):
