@@ -53,7 +53,7 @@ from cli import DataError, band_list, command_line
 from loss import partial_focal_ce
 from model import build_model, load_checkpoint, save_checkpoint, to_input
 from speed import fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
-from resnet_unet import ResNetUNet
+from resnet_unet import DecoderBlock, ResNetUNet, upsample_conv
 
 HERE = Path(__file__).parent
 # the tests must not depend on how pytest was started: torchrun's variables, if pytest runs under
@@ -134,6 +134,27 @@ def test_shapes_for_odd_sizes_and_parameter_count():
             assert model(torch.randn(2, 3, h, w)).shape == (2, 6, h, w)
     # the same count as segmentation_models_pytorch's Unet("resnet34", classes=6)
     assert sum(p.numel() for p in model.parameters()) == 24_437_094
+
+
+def test_the_upsampling_inside_the_convolution_is_upsample_then_convolve():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 7, 9, dtype=torch.double), torch.randn(4, 5, 3, 3, dtype=torch.double), torch.randn(4)
+    plain = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b.double(), padding=1)
+    assert torch.allclose(upsample_conv(x, w, b.double()), plain, atol=1e-12)
+    # the whole network, both ways: the same outputs and the same gradients (odd sizes take the plain way)
+    nets = [ResNetUNet(6).double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for block in (m for m in nets[1].modules() if isinstance(m, DecoderBlock)):
+        block.upsample_in_conv = False
+    for h, w in [(64, 96), (65, 100)]:
+        image = torch.randn(2, 3, h, w, dtype=torch.double)
+        outs = [net(image) for net in nets]
+        assert torch.allclose(outs[0], outs[1], atol=1e-10)
+        for out in outs:
+            out.square().mean().backward()
+        for p, q in zip(*(net.parameters() for net in nets)):
+            assert torch.allclose(p.grad, q.grad, atol=1e-10)
+            p.grad = q.grad = None
 
 
 def test_weights_from_a_path_and_from_the_torch_hub_cache(tmp_path, monkeypatch, capsys):
@@ -259,7 +280,8 @@ def test_the_decoder_takes_each_skip_at_its_own_scale():
             y = block.conv2(block.conv1(y))
         y = net.up5.conv2(net.up5.conv1(F.interpolate(y, size=(64, 96), mode="nearest")))
         assert [f.shape[-1] for f in (f1, f2, f3, f4)] == [48, 24, 12, 6]
-        assert torch.equal(net(x), net.head(y))
+        # equal up to rounding: the network convolves the upsampled input without making it
+        assert torch.allclose(net(x), net.head(y), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- the loss
