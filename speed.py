@@ -2,6 +2,7 @@
 glibc keeping freed memory, batch norm folded into the convolutions for inference."""
 import copy
 import ctypes
+import os
 import time
 from pathlib import Path
 
@@ -27,11 +28,15 @@ def pick_device(name):
 
 def bf16_possible(device):
     """Whether the hardware may compute bfloat16 natively: a GPU that has it, or a CPU whose flags
-    name it (x86 AVX512-BF16 or AMX, Arm's bf16). Where the flags cannot be read, try it."""
+    name it (x86 AVX512-BF16 or AMX, Arm's bf16) and whose kernels are not held to AVX2 or less by
+    ONEDNN_MAX_CPU_ISA (as when measuring what an AVX2 CPU would do). Where the flags cannot be
+    read, try it."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False  # mps: float32
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2", "AVX2_VNNI"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux

@@ -223,6 +223,17 @@ def test_precision_is_the_faster_of_the_two_timings(monkeypatch, capsys):
     assert pick_dtype("auto", cpu, net, train=False) == torch.float32 and capsys.readouterr().out == ""
 
 
+def test_kernels_held_to_avx2_rule_out_bf16(monkeypatch):
+    monkeypatch.setattr(speed.Path, "read_text", lambda self: "flags : fpu avx2 avx512_bf16")
+    cpu = torch.device("cpu")
+    for isa, possible in [(None, True), ("avx2", False), ("AVX512_CORE_AMX", True)]:
+        if isa:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        else:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        assert speed.bf16_possible(cpu) == possible
+
+
 def test_precision_timing_for_real_leaves_the_model_as_it_was(monkeypatch, capsys):
     monkeypatch.setattr(speed, "bf16_possible", lambda device: True)  # time both even where bf16 is slow
     net = ResNetUNet(3).train()
