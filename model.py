@@ -141,7 +141,7 @@ def load_checkpoint(path, device="cpu", mmap=True):
         model = model.to_empty(device="cpu")
         model.load_state_dict(ckpt["model"])
         if mmap:  # the weights are in the model: let go of the mapped file, whose pages read count as memory
-            del ckpt["model"], ckpt["optimizer"]
+            ckpt.pop("model"), ckpt.pop("optimizer", None)
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint")
     except Exception as e:

@@ -138,9 +138,10 @@ def test_shapes_for_odd_sizes_and_parameter_count():
 
 def test_the_upsampling_inside_the_convolution_is_upsample_then_convolve():
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, 5, 7, 9, dtype=torch.double), torch.randn(4, 5, 3, 3, dtype=torch.double), torch.randn(4)
-    plain = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b.double(), padding=1)
-    assert torch.allclose(upsample_conv(x, w, b.double()), plain, atol=1e-12)
+    shapes = [(2, 5, 7, 9), (4, 5, 3, 3), (4,)]
+    x, weight, bias = (torch.randn(*shape, dtype=torch.double) for shape in shapes)
+    plain = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    assert torch.allclose(upsample_conv(x, weight, bias), plain, atol=1e-12)
     # the whole network, both ways: the same outputs and the same gradients (odd sizes take the plain way)
     nets = [ResNetUNet(6).double() for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
