@@ -117,33 +117,45 @@ def save_checkpoint(path, ckpt):
     """Write to a temporary file, then rename: a kill leaves the old checkpoint or the new one,
     never a torn file."""
     tmp = Path(str(path) + ".tmp")
+    crc = torch.serialization.get_crc32_options()
+    # no CRC-32 of every record: torch.load never checks it, and it took three quarters of the save
+    torch.serialization.set_crc32_options(False)
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
     except BaseException:  # a full disk, say: no half-written file is left on it
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        torch.serialization.set_crc32_options(crc)
 
 
-def load_checkpoint(path, device="cpu", mmap=True):
+def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode on device, checkpoint dict: classes, colours, patch, bands, norm, precision,
-    args...).
-
-    mmap: the file is mapped, not read, so only the tensors used come from disk (for inference the
-    optimizer's state, two thirds of the file, never does), and the dict comes back without the
-    weights and that state. A run that resumes trains on that state and replaces the file: it
-    reads it whole (mmap=False).
-    """
+    args...). The file is mapped, not read, so only the tensors used come from disk (the optimizer's
+    state, two thirds of the file, never does), and the dict comes back without the weights and that
+    state. A run that resumes needs that state: it reads the file whole with read_checkpoint."""
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         with torch.device("meta"):  # no random init of weights that are replaced at once
             model = ResNetUNet(len(ckpt["classes"]), ckpt["model"]["conv1.weight"].shape[1])
         model = model.to_empty(device="cpu")
         model.load_state_dict(ckpt["model"])
-        if mmap:  # the weights are in the model: let go of the mapped file, whose pages read count as memory
-            ckpt.pop("model"), ckpt.pop("optimizer", None)
+        # the weights are in the model: let go of the mapped file, whose pages read count as memory
+        ckpt.pop("model"), ckpt.pop("optimizer", None)
+    except Exception as e:
+        raise DataError(f"{path}: not a checkpoint of this project ({e.__class__.__name__})")
+    return model.to(device, memory_format=torch.channels_last).eval(), ckpt
+
+
+def read_checkpoint(path, mmap=True):
+    """-> the checkpoint's dict, its tensors on the CPU (mapped from the file with mmap)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint")
     except Exception as e:
         raise DataError(f"{path}: not a checkpoint of this project ({e.__class__.__name__})")
-    return model.to(device, memory_format=torch.channels_last).eval(), ckpt
+    if not isinstance(ckpt, dict) or not {"model", "classes", "args"} <= ckpt.keys():
+        raise DataError(f"{path}: not a checkpoint of this project (no model, classes or args)")
+    return ckpt

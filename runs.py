@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import synthetic
 from cli import DataError, check_writable
-from model import load_checkpoint, save_checkpoint
+from model import read_checkpoint, save_checkpoint
 from speed import pick_device
 
 HERE = Path(__file__).parent
@@ -51,8 +51,7 @@ def open_run_folder(args, world, defaults):
     if args.resume:
         if not (out / "ckpt.pt").exists():
             raise DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
-        # read whole, on the CPU (load_state_dict moves it): the next save replaces the file
-        _, ckpt = load_checkpoint(out / "ckpt.pt", mmap=False)
+        ckpt = read_checkpoint(out / "ckpt.pt", mmap=False)  # read whole: the next save replaces the file
         for k in SAME_ON_RESUME:
             was = ckpt["args"].get(k, defaults[k])
             if getattr(args, k) != was:
