@@ -51,12 +51,13 @@ def open_run_folder(args, world, defaults):
     if args.resume:
         if not (out / "ckpt.pt").exists():
             raise DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
-        ckpt = read_checkpoint(out / "ckpt.pt", mmap=False)  # read whole: the next save replaces the file
+        settings = read_checkpoint(out / "ckpt.pt")["args"]  # mapped: a refused resume reads no weights
         for k in SAME_ON_RESUME:
-            was = ckpt["args"].get(k, defaults[k])
+            was = settings.get(k, defaults[k])
             if getattr(args, k) != was:
                 flag = "--" + k.replace("_", "-")
                 raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
+        ckpt = read_checkpoint(out / "ckpt.pt", mmap=False)  # read whole: the next save replaces the file
     elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
         raise DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")
     check_writable(out, "--out", keep=world > 1)
