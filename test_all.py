@@ -844,9 +844,15 @@ def test_sidecars_are_found_whatever_their_case(tiny_run, tmp_path):
     assert [float(v) for v in world] == [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]
     assert (out / "ORTHO_0001_mask.prj").read_text() == (FIXTURES / "ORTHO_0001.PRJ").read_text()
     doc = json.loads((out / "suggestions.geojson").read_text())
-    assert len(doc["features"]) == 2
-    assert all(float(r["hectares"]) == pytest.approx(int(r["pixels"]) * 0.0625 / 1e4, abs=5e-5)  # 0.25 m
-               for r in csv.DictReader(open(out / "areas.csv")))
+    # the 48x32 map offers 1 or 2 places 32 pixels apart, by where the model doubts (which differs with
+    # the CPU's kernels): each on the map at its pixel's centre
+    assert 1 <= len(doc["features"]) == len(list(csv.DictReader(open(out / "suggestions.csv")))) <= 2
+    for feature in doc["features"]:
+        x, y = feature["properties"]["x"], feature["properties"]["y"]
+        assert feature["geometry"]["coordinates"] == [326500.125 + 0.25 * x, 2787999.875 - 0.25 * y]
+    areas = csv.DictReader(open(out / "areas.csv"))  # hectares of 0.25 m pixels, written to 4 decimals
+    assert all(float(r["hectares"]) == pytest.approx(int(r["pixels"]) * 0.0625 / 1e4, abs=6e-5)
+               for r in areas)
 
 
 def test_damaged_or_hostile_headers_are_one_line_and_the_other_images_are_mapped(tiny_run, tmp_path,
@@ -1125,10 +1131,12 @@ def test_torchrun_ranks_end_with_identical_weights(tiny, tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
-    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     train_run = start_script("train.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
-    predict_run = start_script("predict.py", "--ckpt", tmp_path / "garbage.pt", "x.jpg", "--out", tmp_path / "p")
-    for proc, message in [(train_run, "nowhere: no such folder"), (predict_run, "garbage.pt: not a checkpoint")]:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    predict_run = start_script("predict.py", "--ckpt", garbage, "x.jpg", "--out", tmp_path / "p")
+    expected = [(train_run, "nowhere: no such folder"), (predict_run, "garbage.pt: not a checkpoint")]
+    for proc, message in expected:
         err = proc.communicate(timeout=60)[1]
         assert proc.returncode == 2 and err.count("\n") == 1 and message in err, err
 
