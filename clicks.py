@@ -92,11 +92,15 @@ def read_table(path):
         text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read as text ({getattr(e, 'strerror', None) or e})")
-    header = text.split("\n", 1)[0]
-    sep = max([",", ";", "\t"], key=header.count)
+    sep = separator(text)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
     reader.fieldnames = [f.strip().lower() for f in reader.fieldnames or []]
     return list(reader), sep
+
+
+def separator(text):
+    """The separator of a CSV: whichever of ',', ';' and tab its first line holds most."""
+    return max([",", ";", "\t"], key=text.split("\n", 1)[0].count)
 
 
 def read_csv(path, info, field=None, crs=None, line_width=3):

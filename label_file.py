@@ -1,5 +1,5 @@
-"""The clicks file of label.py as written: read with every row and column, its byte-order mark, line
-ends and mode, and written back whole, so that a change keeps all it does not touch."""
+"""The clicks file of label.py as written: read with every row and column, its encoding, separator,
+header, line ends and mode, and written back whole, so that a change keeps all it does not touch."""
 import csv
 import io
 import os
@@ -10,26 +10,33 @@ from cli import DataError
 
 
 def read_points(path, info):
-    """The clicks file as written -> (columns, rows [(image name, x, y, [values as written])], how it is
-    written: {"bom", "newline", "mode"}), so that a change writes back every row and column it keeps."""
+    """The clicks file as written -> (columns, lower case, rows [(image name, x, y, [values as written])],
+    how it is written: {"encoding", "sep", "header", "newline", "mode"}), so that a change writes back
+    every row and column it keeps. Read as train.py reads a CSV: Excel's files (UTF-8 with a byte-order
+    mark, UTF-16, ';' or tab between values, 'Image' for 'image') are written back the same way."""
+    columns = ["image", "x", "y", "class"]
     if not path.exists() or path.stat().st_size == 0:
         umask = os.umask(0o22)  # reading it means setting it: put back at once
         os.umask(umask)
-        return ["image", "x", "y", "class"], [], {"bom": False, "newline": "\r\n", "mode": 0o666 & ~umask}
+        return columns, [], {"encoding": "utf-8", "sep": ",", "header": columns, "newline": "\r\n",
+                             "mode": 0o666 & ~umask}
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is no part of 'image'
+        encoding = ("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else
+                    "utf-8-sig" if raw.startswith(b"\xef\xbb\xbf") else "utf-8")
+        text = raw.decode(encoding)  # a byte-order mark is no part of 'image'
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
     if text.lstrip()[:1] in ("{", "["):
         raise DataError(f"{path}: GeoJSON, and the page reads and writes CSV (image,x,y,class): give "
                         "--points a new .csv; train.py --point-labels takes both files")
-    how = {"bom": raw.startswith(b"\xef\xbb\xbf"), "mode": path.stat().st_mode & 0o777,
+    how = {"encoding": encoding, "sep": clicks.separator(text), "mode": path.stat().st_mode & 0o777,
            "newline": "\r\n" if text.split("\n", 1)[0].endswith("\r") else "\n"}
-    lines = csv.reader(io.StringIO(text, newline=""))
-    columns, find, rows = next(lines, []), clicks.image_finder(info), []
+    lines = csv.reader(io.StringIO(text, newline=""), delimiter=how["sep"])
+    how["header"] = next(lines, [])
+    columns, find, rows = [c.strip().lower() for c in how["header"]], clicks.image_finder(info), []
     if not {"image", "x", "y", "class"} <= set(columns):
-        raise DataError(f"{path}: expected columns image,x,y,class (found {','.join(columns)})")
+        raise DataError(f"{path}: expected columns image,x,y,class (found {','.join(how['header'])})")
     for values in filter(None, lines):  # a blank line is no row
         where, record = f"{path}:{lines.line_num}", dict(zip(columns, values))
         x, y = number(record["x"].strip()), number(record["y"].strip())
@@ -49,9 +56,10 @@ def write_back(path, columns, rows, how):
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, how["mode"])
-        with open(handle, "w", newline="", encoding="utf-8-sig" if how["bom"] else "utf-8") as f:
-            written = csv.writer(f, lineterminator=how["newline"])
-            written.writerows([columns, *(r[3] for r in rows)])
+        with open(handle, "w", newline="", encoding=how["encoding"]) as f:
+            written = csv.writer(f, delimiter=how["sep"], lineterminator=how["newline"])
+            header = how["header"] + columns[len(how["header"]):]  # as written, and any column added
+            written.writerows([header, *(r[3] for r in rows)])
             f.flush()
             os.fsync(f.fileno())  # a full disk may say so only here
         os.replace(tmp, path)

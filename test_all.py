@@ -1967,16 +1967,25 @@ def test_label_server_writes_back_every_row_and_column(label_server, tmp_path):
     assert given.read_bytes() == b"".join(expected)
     info = {n: scene.image_info(root / n) for n in ["square.jpg", "sub/wide.png"]}
     assert clicks.read_clicks([given], info, labels.names)[0] == {"sub/wide.png": [(7, 8, 0), (1, 2, 2)]}
-    # Excel's "CSV UTF-8" (a byte-order mark) and a file with "\n" line ends are written back as they were
-    for text, added, first in [("\ufeffimage,x,y,class,note\r\nsquare.jpg,3,4,Water,\"a, b\"\r\n",
-                                "square.jpg,3,5,Building,\r\n", "Water"),
-                               ("image,x,y,class\nsquare.jpg,3,4,2\n", "square.jpg,3,5,Building\n", "Road")]:
+    # Excel's "CSV UTF-8" (a byte-order mark), "\n" line ends, ';' with 'Image' (Excel where the comma is
+    # the decimal mark) and "Unicode text" (UTF-16, tabs) are written back as they were, a stroke too
+    for text, added, first, encoding in [
+            ("\ufeffimage,x,y,class,note\r\nsquare.jpg,3,4,Water,\"a, b\"\r\n",
+             "square.jpg,3,5,Building,\r\n", "Water", "utf-8"),
+            ("image,x,y,class\nsquare.jpg,3,4,2\n", "square.jpg,3,5,Building\n", "Road", "utf-8"),
+            ("Image;X;Y;Class\r\nsquare.jpg;3;4;Water\r\n", "square.jpg;3;5;Building\r\n", "Water", "utf-8"),
+            ("image\tx\ty\tclass\r\nsquare.jpg\t3\t4\tWater\r\n", "square.jpg\t3\t5\tBuilding\r\n", "Water",
+             "utf-16")]:
         path = tmp_path / "excel.csv"
-        path.write_bytes(text.encode())
+        path.write_bytes(text.encode(encoding))
         labels = label.Labels(root, path, None, None, 3)
         assert labels.clicks() == [{"image": "square.jpg", "x": 3, "y": 4, "class": first}]  # 2: class 2
         labels.change({"image": "square.jpg", "x": 3, "y": 5, "class": "Building"})
-        assert path.read_bytes() == (text + added).encode()
+        assert path.read_bytes() == (text + added).encode(encoding)
+    labels.change({"image": "square.jpg", "stroke": [[1, 1], [1, 3]], "class": "Road"})
+    header, *_, last = path.read_bytes().decode("utf-16").splitlines()
+    assert header == "image\tx\ty\tclass\tstroke" and last == "square.jpg\t1\t3\tRoad\t1"
+    assert clicks.read_clicks([path], info, labels.names)[0]["square.jpg"][:2] == [(3, 4, 0), (3, 5, 3)]
     # GeoJSON is refused at start, whatever its name: the page writes CSV
     for name, text in [("points.csv", '{"type": "FeatureCollection", "features": []}'),
                        ("p.geojson", "\n [ ]\n")]:
