@@ -89,13 +89,19 @@ def read_table(path):
     semicolons (Excel in many languages, where the comma is the decimal mark) or tabs."""
     try:
         raw = Path(path).read_bytes()
-        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+        text = raw.decode(encoding(raw))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read as text ({getattr(e, 'strerror', None) or e})")
     sep = separator(text)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
     reader.fieldnames = [f.strip().lower() for f in reader.fieldnames or []]
     return list(reader), sep
+
+
+def encoding(raw):
+    """The encoding of a text file's bytes, by its byte-order mark: UTF-16, UTF-8 with one, or UTF-8."""
+    return ("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else
+            "utf-8-sig" if raw.startswith(b"\xef\xbb\xbf") else "utf-8")
 
 
 def separator(text):

@@ -8,22 +8,23 @@ import tempfile
 import clicks
 from cli import DataError
 
+COLUMNS = ["image", "x", "y", "class"]  # those a clicks file must have; a new one has these alone
+
 
 def read_points(path, info):
-    """The clicks file as written -> (columns, lower case, rows [(image name, x, y, [values as written])],
-    how it is written: {"encoding", "sep", "header", "newline", "mode"}), so that a change writes back
-    every row and column it keeps. Read as train.py reads a CSV: Excel's files (UTF-8 with a byte-order
-    mark, UTF-16, ';' or tab between values, 'Image' for 'image') are written back the same way."""
-    columns = ["image", "x", "y", "class"]
+    """The clicks file as written -> (column names in lower case, rows [(image name, x, y, [values as
+    written])], how it is written: {"encoding", "sep", "header", "newline", "mode"}), so that a change
+    writes back every row and column it keeps. Read as train.py reads a CSV: Excel's files (UTF-8 with
+    a byte-order mark, UTF-16, ';' or tab between values, 'Image' for 'image') are written back the
+    same way."""
     if not path.exists() or path.stat().st_size == 0:
         umask = os.umask(0o22)  # reading it means setting it: put back at once
         os.umask(umask)
-        return columns, [], {"encoding": "utf-8", "sep": ",", "header": columns, "newline": "\r\n",
+        return list(COLUMNS), [], {"encoding": "utf-8", "sep": ",", "header": COLUMNS, "newline": "\r\n",
                              "mode": 0o666 & ~umask}
     try:
         raw = path.read_bytes()
-        encoding = ("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else
-                    "utf-8-sig" if raw.startswith(b"\xef\xbb\xbf") else "utf-8")
+        encoding = clicks.encoding(raw)
         text = raw.decode(encoding)  # a byte-order mark is no part of 'image'
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
@@ -35,7 +36,7 @@ def read_points(path, info):
     lines = csv.reader(io.StringIO(text, newline=""), delimiter=how["sep"])
     how["header"] = next(lines, [])
     columns, find, rows = [c.strip().lower() for c in how["header"]], clicks.image_finder(info), []
-    if not {"image", "x", "y", "class"} <= set(columns):
+    if not set(COLUMNS) <= set(columns):
         raise DataError(f"{path}: expected columns image,x,y,class (found {','.join(how['header'])})")
     for values in filter(None, lines):  # a blank line is no row
         where, record = f"{path}:{lines.line_num}", dict(zip(columns, values))
