@@ -29,11 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import georef
-import scene
-from cli import DataError, command_line
+from support import IGNORE, georef, scene
+from support.cli import DataError, command_line
 
-IGNORE = 255  # no data in predict.py's masks: data.IGNORE, written out so that no torch is imported
 Z95 = 1.96  # a 95% interval is the estimate +- 1.96 standard errors
 STRIP = 256  # rows of a mask looked at together: a big mask is counted and searched strip by strip
 

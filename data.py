@@ -2,13 +2,13 @@
 
 Where dense masks exist, the points are drawn from them, as an annotator's clicks would be: n per
 256x256 patch, once, without replacement, only on pixels whose class is known. Real clicks come in
-through clicks.py. Either way the label map of an image is IGNORE everywhere but at its points, and
+through support/clicks.py. Either way the label map of an image is IGNORE everywhere but at its points, and
 the training patches are cut from images and label maps together.
 """
 import numpy as np
 import torch
 
-IGNORE = 255  # label of pixels that carry no class: unlabelled, no data, padding
+from support import IGNORE  # 255: the label of pixels that carry no class: unlabelled, no data, padding
 
 
 def sample_points(masks, patch, n, seed):

@@ -15,6 +15,7 @@ import json
 import secrets
 import sys
 import threading
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,17 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-import label_guard
-import layout
-import maps
 import predict
-import scene
-from cli import DataError, band_list, check_writable, command_line
-from label_file import number, read_points, write_back
-from model import load_checkpoint, model_input
-from speed import fold_batch_norm, pick_dtype
+from model import load_checkpoint
+from support import label_guard, layout, maps, scene
+from support.bands import display, model_input
+from support.cli import DataError, band_list, check_writable, command_line
+from support.label_file import number, read_points, write_back
+from support.speed import fold_batch_norm, fold_upsampling, pick_dtype
 
-HERE = Path(__file__).parent
+PAGE = Path(__file__).parent / "support" / "label.html"
 SHOWN = 2048  # longest side of an image as the page shows it; clicks still land on full-image pixels
 VERTICES = 10_000  # most vertices of one stroke: 20,000 image pixels long at one every 2 pixels
 
@@ -64,7 +63,7 @@ class Labels:
             model, meta = load_checkpoint(ckpt)
             if meta["classes"] != self.names:
                 raise DataError(f"--ckpt {ckpt}: its classes ({', '.join(meta['classes'])}) are not these")
-            self.model, self.meta = fold_batch_norm(model), meta
+            self.model, self.meta = fold_upsampling(fold_batch_norm(model)), meta
             self.show = show or meta.get("show_bands")  # the bands the run showed, unless others are asked
             # the precision it trained in: the page shows what predict.py --precision of that maps
             self.dtype = pick_dtype(meta.get("precision", "auto"), torch.device("cpu"), model, train=False)
@@ -189,7 +188,7 @@ class Labels:
         """Image i as the page shows it: JPEG bytes, its longest side at most SHOWN."""
         if ("image", i) not in self.cache:
             s = scene.read_scene(self.files[i][1])
-            picture = Image.fromarray(scene.display(s["samples"], s["valid"], self.show))
+            picture = Image.fromarray(display(s["samples"], s["valid"], self.show))
             picture.thumbnail((SHOWN, SHOWN))
             self.cache = {("image", i): encoded(picture, "JPEG")}  # one image at a time: scenes can be large
         return self.cache[("image", i)]
@@ -200,7 +199,8 @@ class Labels:
             with self.model_lock:  # one map at a time: each takes every core
                 s = scene.read_scene(self.files[i][1])
                 image, norm = model_input(s, self.meta)
-                pred, margin = maps.map_in_bands(self.model, image, self.dtype, margin=True, norm=norm)
+                logits_of = partial(predict.sliding_window, self.model, dtype=self.dtype, norm=norm)
+                pred, margin = maps.map_in_blocks(logits_of, image, margin=True)
             if s["valid"] is not None:
                 margin[~s["valid"]] = np.inf
             picture = maps.colourize(pred, self.colours)
@@ -256,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             if parts == [""]:
-                return self.reply((HERE / "label.html").read_bytes(), "text/html; charset=utf-8")
+                return self.reply(PAGE.read_bytes(), "text/html; charset=utf-8")
             if parts == ["state"]:
                 return self.reply(json.dumps(labels.state()).encode(), "application/json")
             i = number(parts[1]) if len(parts) == 2 else None

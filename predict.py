@@ -13,18 +13,18 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import clicks
-import layout
-import scene
-from cli import DataError, band_list, command_line, tile_list
 from data import IGNORE
-from model import load_checkpoint, model_input, to_input
-from speed import fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
+from model import load_checkpoint
+from support import clicks, layout, maps, scene
+from support.bands import display, model_input, to_input
+from support.cli import DataError, band_list, command_line, tile_list
+from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device, pick_dtype
 
 WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
 OVERLAP = 64  # rows or columns that neighbouring windows share, where their logits are blended
@@ -35,7 +35,7 @@ SPACING = 32  # suggested clicks are at least this many pixels apart
 @torch.no_grad()
 def sliding_window(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False, norm="imagenet"):
     """(H, W, bands) image -> (C, H, W) float32 logits, from overlapping windows blended by ramps. norm:
-    how the image's samples are normalised (model.to_input)."""
+    how the image's samples are normalised (support.bands.to_input)."""
     device = next(model.parameters()).device
     h, w = image.shape[:2]
     ys, wh = window_starts(h, window, overlap)
@@ -188,9 +188,8 @@ def image_files(inputs):
     return list({f.resolve(): f for f in files}.values())
 
 
-def score_tiles(model, meta, args, dtype, out, bands, show):
+def score_tiles(logits_of, meta, args, out, bands, show):
     """--data: score the model on dense masks of --tiles -> metrics.json and a comparison per image."""
-    import maps  # maps.py builds on this file's sliding window, so it is imported here, not at the top
     names, colours = layout.read_classes(args.data)
     if (names, colours) != (meta["classes"], [tuple(c) for c in meta["colours"]]):
         raise DataError(f"{args.data}/classes.json: its classes differ from those of {args.ckpt}")
@@ -203,10 +202,10 @@ def score_tiles(model, meta, args, dtype, out, bands, show):
         mask, _ = layout.read_mask(layout.mask_path(path), colours, image.shape[:2])
         if s["valid"] is not None:
             mask[~s["valid"]] = IGNORE
-        pred, _ = maps.map_in_bands(model, image, dtype, args.tta, norm=norm)  # a row of windows at a time
+        pred, _ = maps.map_in_blocks(partial(logits_of, norm=norm), image)
         conf = conf + confusion(mask, pred, len(names))
         stem = name.replace("/", "_").rsplit(".", 1)[0]
-        shown = scene.display(s["samples"], s["valid"], show)
+        shown = display(s["samples"], s["valid"], show)
         maps.compare(shown, pred, mask, colours).save(out / f"{stem}_compare.png")
         print(f"{name}  {image.shape[1]}x{image.shape[0]}  {time.time() - t0:.1f}s")
     s = scores(conf, names)
@@ -239,7 +238,6 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="write over the maps already in --out (a "
                    "suggestions file with classes filled in is never written over)")
     args = p.parse_args(argv)
-    import maps  # maps.py builds on this file's sliding window, so it is imported here, not at the top
 
     if not args.inputs and not args.data:
         p.error("give images or folders to map, or --data (and --tiles) to score")
@@ -252,14 +250,15 @@ def main(argv=None):
     model, meta = load_checkpoint(args.ckpt, device)
     out = Path(args.out)
     maps.check_out(out, args.overwrite, args.suggest > 0)  # after the quick checks, before the long work
-    model = fold_batch_norm(model)  # inference only: batch norm becomes part of each convolution
+    model = fold_upsampling(fold_batch_norm(model))  # the same maps, fewer operations (support/speed.py)
     dtype = pick_dtype(args.precision, device, model, train=False)
+    logits_of = partial(sliding_window, model, dtype=dtype, tta=args.tta)  # (samples, norm=) -> logits
     show = show or meta.get("show_bands")
     legend = zip(meta["classes"], meta["colours"])
     print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in legend))
     out.mkdir(parents=True, exist_ok=True)
     if args.data:
-        score_tiles(model, meta, args, dtype, out, bands, show)
+        score_tiles(logits_of, meta, args, out, bands, show)
 
     files = image_files(args.inputs)
     stems, note = maps.output_stems(files)
@@ -269,7 +268,7 @@ def main(argv=None):
     for path, stem in zip(files, stems):
         t0 = time.time()
         try:
-            m = maps.map_scene(model, meta, dtype, path, out / stem, bands, show, args.tta, args.suggest > 0)
+            m = maps.map_scene(logits_of, meta, path, out / stem, bands, show, args.suggest > 0)
         except (DataError, MemoryError) as e:  # one line for this input; the others are still mapped
             print(f"skipped: {e if isinstance(e, DataError) else f'{path}: not enough memory to map it'}")
             failed.append(path)

@@ -25,18 +25,6 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-def upsample_conv(x, weight, bias=None):
-    """A 3x3 convolution (padding 1) of x upsampled 2x by nearest neighbour, without making the
-    upsampled x: 2.25x fewer multiplications, the same result up to floating-point rounding.
-
-    Along each axis the 3 taps of an upsampled pixel fall on only 2 pixels of x, so the whole is a
-    transposed convolution of stride 2 whose 4 taps per axis are sums of the 3: [w2, w1+w2, w0+w1, w0].
-    """
-    b = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=weight.dtype, device=weight.device)
-    k = torch.einsum("rh,oihw,sw->iors", b, weight, b)  # (in, out, 4, 4): conv_transpose2d's layout
-    return F.conv_transpose2d(x, k, bias, stride=2, padding=1)
-
-
 class DecoderBlock(nn.Module):
     """Upsample to the skip's size, concatenate the skip, then two ConvBNReLU."""
 
@@ -44,25 +32,13 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBNReLU(in_ch + skip_ch, out_ch)
         self.conv2 = ConvBNReLU(out_ch, out_ch)
-        self.upsample_in_conv = True  # False: make the upsampled input and the concatenation, as written
 
     def forward(self, x, skip=None, size=None):
         # upsample to the skip's size, not by a fixed 2x, so odd input sizes line up
-        size = skip.shape[-2:] if skip is not None else size
-        conv, bn, relu = self.conv1
-        if self.upsample_in_conv and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            # conv1 of cat([upsampled x, skip]) is conv1's first in_ch input channels on the upsampled
-            # x plus the others on the skip: the first part computed at x's own resolution
-            n = x.shape[1]
-            out = upsample_conv(x, conv.weight[:, :n], conv.bias)
-            if skip is not None:
-                out = out + F.conv2d(skip, conv.weight[:, n:], padding=1)
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-            if skip is not None:
-                x = torch.cat([x, skip], dim=1)
-            out = conv(x)
-        x = relu(bn(out))  # not conv2(relu(bn(out))): a concatenated x is freed before conv2 runs
+        x = F.interpolate(x, size=skip.shape[-2:] if skip is not None else size, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        x = self.conv1(x)
         return self.conv2(x)
 
 

@@ -19,23 +19,21 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-import clicks
 import data
-import layout
-import maps
 import predict
-import scene
-from cli import DataError, band_list, command_line
 from loss import partial_focal_ce
-from model import build_model, to_input
-from runs import HERE, KAGGLE, find_data, last_checkpoint, open_run_folder, resume_state, save_run
-from runs import start_processes
-from speed import fold_batch_norm, keep_freed_memory, pick_dtype
+from model import build_model
+from support import clicks, layout, maps
+from support.bands import display, to_input
+from support.cli import DataError, band_list, command_line
+from support.runs import HERE, KAGGLE, find_data, last_checkpoint, open_run_folder, resume_state, save_run
+from support.runs import start_processes
+from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_dtype
 
 
 def train_epoch(model, loader, optimizer, device, dtype, norm, args, epoch, class_weights, ema=None):
     """One pass over the patches -> (mean loss, patches per second). norm: how the samples are
-    normalised (model.to_input). With `ema`, a moving average of the weights follows each step."""
+    normalised (support.bands.to_input). With `ema`, a moving average of the weights follows each step."""
     model.train()
     loader.sampler.set_epoch(epoch)  # the same order for the same seed and epoch, resumed or not
     loader.dataset.epoch = epoch  # and the same augmentation
@@ -154,7 +152,7 @@ def write_panel(path, model, meta, val, args, dtype):
         ys, xs = np.nonzero(truth != data.IGNORE)
         y0, x0 = min(max(ys[0] - p // 2, 0), h - p), min(max(xs[0] - p // 2, 0), w - p)
     pred = predict.predict_mask(model, image[y0 : y0 + p, x0 : x0 + p], dtype, norm=meta["norm"])
-    image = scene.display(image, valid, meta["show_bands"])[y0 : y0 + p, x0 : x0 + p]  # what a person sees
+    image = display(image, valid, meta["show_bands"])[y0 : y0 + p, x0 : x0 + p]  # what a person sees
     truth = truth[y0 : y0 + p, x0 : x0 + p]
     labels = truth  # the held-out clicks, or with --points 0 every pixel
     if dense and args.point_labels:
@@ -225,7 +223,7 @@ def main(argv=None):
     # the model (its first layer takes the images' bands), the precision faster here, the optimizer
     torch.manual_seed(args.seed)
     model = build_model(len(d["classes"]), args.weights, len(d["bands"]))
-    model = model.to(device, memory_format=torch.channels_last)
+    model = fold_upsampling(model).to(device, memory_format=torch.channels_last)  # speed: support/speed.py
     dtype = choose_precision(args, ckpt, device, model, rank, world)
     # fused: one kernel updates every weight (34 ms a step instead of 82 on 2 cores of a Xeon)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
@@ -281,7 +279,7 @@ def write_labels(out, d, labels, points, show):
     layout.write_classes(out / "classes.json", d["classes"], d["colours"])
     if points is not None:
         clicks.write_points(out / "points.csv", points, d["names"])
-        picture = scene.display(d["images"][0], d["valid"][0], show)
+        picture = display(d["images"][0], d["valid"][0], show)
         maps.draw_points(picture, labels[0], d["colours"]).save(out / "points.jpg", quality=90)
 
 

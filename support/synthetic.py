@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from layout import hex_to_rgb
+from support.layout import hex_to_rgb
 
 SYNTHETIC_CLASSES = [  # name, mask colour (the Kaggle set's), rough ground colour in the image
     ("Water", "#E2A929", (40, 85, 120)),

@@ -9,7 +9,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 
-from cli import DataError
+from support.cli import DataError
 
 # the GeoTIFF tags that place a raster on the map: pixel size, tie point, or an affine transform;
 # the coordinate reference system is in the three GeoKey tags

@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import synthetic
-from cli import DataError, check_writable
-from model import read_checkpoint, save_checkpoint
-from speed import pick_device
+from support import synthetic
+from support.cli import DataError, check_writable
+from support.speed import pick_device
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # the project folder
 KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
 SYNTHETIC = HERE / "data" / "synthetic"
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
@@ -119,3 +118,33 @@ def last_checkpoint(out, history):
     if not history:
         return "none (no epoch finished)"
     return f"{out / 'ckpt.pt'} (after epoch {history[-1]['epoch']})"
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file, then rename: a kill leaves the old checkpoint or the new one,
+    never a torn file."""
+    tmp = Path(str(path) + ".tmp")
+    crc = torch.serialization.get_crc32_options()
+    # no CRC-32 of every record: torch.load never checks it, and it took three quarters of the save
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written file is left on it
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        torch.serialization.set_crc32_options(crc)
+
+
+def read_checkpoint(path, mmap=True):
+    """-> the checkpoint's dict, its tensors on the CPU (mapped from the file with mmap)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint")
+    except Exception as e:
+        raise DataError(f"{path}: not a checkpoint of this project ({e.__class__.__name__})")
+    if not isinstance(ckpt, dict) or not {"model", "classes", "args"} <= ckpt.keys():
+        raise DataError(f"{path}: not a checkpoint of this project (no model, classes or args)")
+    return ckpt

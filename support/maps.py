@@ -1,7 +1,8 @@
 """Maps of real scenes written to disk: the class mask (a GeoTIFF with the scene's tags, or a PNG and
-its world file), an overlay, the area of each class; scenes of any height mapped one row of windows
-at a time; and the side-by-side pictures of the maps.
+its world file), an overlay, the area of each class; scenes of any size mapped block by block; and the
+side-by-side pictures of the maps.
 """
+import math
 import os
 import shutil
 import time
@@ -11,72 +12,64 @@ import numpy as np
 import torch
 from PIL import Image, TiffImagePlugin
 
-import clicks
-import scene
-from cli import DataError, check_writable
-from data import IGNORE
-from model import model_input
-from predict import WINDOW, OVERLAP, ramp, sliding_window, window_starts
+from support import IGNORE, clicks, scene
+from support.bands import display, model_input
+from support.cli import DataError, check_writable
+
+BLOCK = 4096  # largest side of the blocks a scene is mapped in: a 4096 x 4096 block's logits take 400 MB
+HALO = 64  # pixels of context around a block, mapped with it and then cut off
 
 # what predict.py writes in --out: a folder that holds any of these is not written over by chance
 OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
            "*_overlay.jpg", "*_compare.png"]
 
 
-def logits_in_bands(model, image, dtype, window=WINDOW, overlap=OVERLAP, tta=False, norm="imagenet"):
-    """Yield the logits of an (H, W, bands) image in bands of rows, top to bottom: (C, rows, W) float32.
-
-    predict.sliding_window over the whole image, computed one row of windows at a time, so that
-    memory grows with the image's width, not its height: each row is blended with the next by the
-    same vertical ramp (the horizontal one is the same for every row, so it divides out).
-    """
-    h = image.shape[0]
-    ys, wh = window_starts(h, window, overlap)
-    if len(ys) == 1:  # one row of windows: the sliding window itself
-        yield sliding_window(model, image, dtype, window, overlap, tta, norm)
-        return
-    weight = ramp(wh, overlap, next(model.parameters()).device)  # (wh,)
-    carry = None  # weighted logits and weights of the rows that the next row of windows covers too
-    for k, y in enumerate(ys):
-        strip = image[y : y + wh]
-        strip = np.pad(strip, ((0, wh - len(strip)), (0, 0), (0, 0)), mode="symmetric")  # past the bottom
-        acc = sliding_window(model, strip, dtype, window, overlap, tta, norm)  # (C, wh, W)
-        acc.mul_(weight[:, None])
-        wsum = weight.clone()
-        if carry is not None:
-            acc[:, : len(carry[1])] += carry[0]
-            wsum[: len(carry[1])] += carry[1]
-        done = ys[k + 1] - y if k + 1 < len(ys) else wh  # rows that no later window touches
-        carry = (acc[:, done:].clone(), wsum[done:].clone())
-        rows = min(done, h - y)
-        yield acc[:, :rows].div_(wsum[:rows, None])
-        del acc  # gone before the next row of windows makes its own
+def blocks(size, block):
+    """-> [(start, end)]: as few pieces of at most `block` pixels as cover [0, size), of about one length,
+    each starting at a multiple of 32 (the cells where suggested clicks are looked for line up)."""
+    n = math.ceil(size / block)
+    side = math.ceil(size / n / 32) * 32
+    return [(start, min(start + side, size)) for start in range(0, size, side)]
 
 
-def map_in_bands(model, image, dtype, tta=False, margin=False, progress=False, norm="imagenet"):
+def logits_in_blocks(logits_of, image, block, halo=HALO):
+    """Yield ((rows, columns) of the image, (C, rows, columns) logits) block by block. logits_of(samples)
+    maps an (h, w, bands) piece of the image (predict.sliding_window); each block is given `halo` more
+    pixels on every side where the image has them, for context, and its logits are cut back to the block.
+    An image of one block is mapped whole, as predict.sliding_window maps it; memory grows with the
+    block, not with the image."""
+    h, w = image.shape[:2]
+    for y0, y1 in blocks(h, block):
+        for x0, x1 in blocks(w, block):
+            top, left = max(y0 - halo, 0), max(x0 - halo, 0)
+            logits = logits_of(image[top : min(y1 + halo, h), left : min(x1 + halo, w)])
+            yield (slice(y0, y1), slice(x0, x1)), logits[:, y0 - top : y1 - top, x0 - left : x1 - left]
+
+
+def map_in_blocks(logits_of, image, margin=False, progress=False):
     """(H, W, bands) image -> ((H, W) uint8 class map, (H, W) float16 margin between the probabilities of
-    the two best classes, or None). With `progress`, a line after each band of a long scene."""
+    the two best classes, or None). With `progress`, a line after each block of a scene of several."""
     h, w = image.shape[:2]
     pred, done, t0 = np.empty((h, w), np.uint8), 0, time.time()
     gap = np.empty((h, w), np.float16) if margin else None
-    for band in logits_in_bands(model, image, dtype, WINDOW, OVERLAP, tta, norm):
-        rows = slice(done, done + band.shape[1])
-        pred[rows] = band.max(0).indices.to(torch.uint8).cpu().numpy()  # the argmax, faster on a CPU
+    for (rows, cols), logits in logits_in_blocks(logits_of, image, BLOCK):
+        pred[rows, cols] = logits.max(0).indices.to(torch.uint8).cpu().numpy()  # the argmax, faster on a CPU
         if margin:
-            top2 = band.softmax(0).topk(2, dim=0).values
-            gap[rows] = (top2[0] - top2[1]).cpu().numpy()
-        done += band.shape[1]
-        del band  # before the next band is made
-        if progress and done < h:
-            speed = done * w / 1e6 / (time.time() - t0)
-            left = (h - done) * w / 1e6 / speed
-            print(f"  rows {done}/{h}  {speed:.2f} MP/s  {left:.0f}s left", flush=True)
+            top2 = logits.softmax(0).topk(2, dim=0).values
+            gap[rows, cols] = (top2[0] - top2[1]).cpu().numpy()
+        del logits  # before the next block is mapped
+        done += (rows.stop - rows.start) * (cols.stop - cols.start)
+        if progress and done < h * w:
+            speed = done / 1e6 / (time.time() - t0)
+            print(f"  {done / (h * w):.0%} of {h * w / 1e6:.1f} MP  {speed:.2f} MP/s  "
+                  f"{(h * w - done) / 1e6 / speed:.0f}s left", flush=True)
     return pred, gap
 
 
-def map_scene(model, meta, dtype, path, stem, bands=None, show=None, tta=False, margin=False):
-    """Map one scene and write its mask and overlay (`show`: its bands as red, green, blue) -> dict:
-    pred, margin (or None), geo, areas (rows of class_areas), written (paths)."""
+def map_scene(logits_of, meta, path, stem, bands=None, show=None, margin=False):
+    """Map one scene with logits_of(samples, norm=) (predict.sliding_window) and write its mask and overlay
+    (`show`: its bands as red, green, blue) -> dict: pred, margin (or None), geo, areas (rows of
+    class_areas), written (paths)."""
     s = scene.read_scene(path)
     if s["note"]:
         print(f"{path}: {s['note']}")
@@ -84,7 +77,7 @@ def map_scene(model, meta, dtype, path, stem, bands=None, show=None, tta=False, 
         image, norm = model_input(s, meta, bands)
     except DataError as e:
         raise DataError(f"{path}: {e}")
-    pred, gap = map_in_bands(model, image, dtype, tta, margin, progress=True, norm=norm)
+    pred, gap = map_in_blocks(lambda samples: logits_of(samples, norm=norm), image, margin, progress=True)
     del image  # where bands were picked, a copy: gone before the picture is made
     if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
         pred[~s["valid"]] = IGNORE
@@ -92,7 +85,7 @@ def map_scene(model, meta, dtype, path, stem, bands=None, show=None, tta=False, 
             gap[~s["valid"]] = np.inf
     geo = s["geo"]
     written = [write_mask(colourize(pred, meta["colours"]), stem, geo)]
-    shown = scene.display(s["samples"], s["valid"], show)  # what a person sees of the scene
+    shown = display(s["samples"], s["valid"], show)  # what a person sees of the scene
     written.append(write_overlay(shown, pred, meta["colours"], stem, geo))
     areas = class_areas(pred, meta["classes"], geo["pixel_m2"] if geo else None)
     return {"pred": pred, "margin": gap, "geo": geo, "areas": areas, "written": written}

@@ -13,9 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-import georef
-import shapes
-from cli import DataError
+from support import georef, shapes
+from support.cli import DataError
 
 CLASS_FIELDS = ["class", "class_name", "label", "class_id"]  # where a click's class is looked for
 DRAWN = ["stroke", "polygon"]  # CSV columns whose values tie consecutive rows into one line or ring

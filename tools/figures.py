@@ -17,12 +17,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-import layout
-import maps
 import predict
-from cli import command_line
 from model import load_checkpoint
-from speed import fold_batch_norm
+from support import layout, maps
+from support.cli import command_line
+from support.speed import fold_batch_norm
 
 FONT = ImageFont.load_default(size=15)
 
@@ -124,13 +123,48 @@ def suggestions(args):
 def label_page(args):
     """A screenshot of label.py's page with the map shown, from the browser test's code."""
     import label
-    from test_all import label_page_screenshot
 
     flags = [args.dir, "--points", args.points, "--ckpt", args.ckpt, "--port", "0"]
     server = label.serve(label.get_args(flags))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     label_page_screenshot(f"http://127.0.0.1:{server.server_address[1]}", args.out, args.image, (1000, 760))
     server.shutdown()
+
+
+# Headless Chromium as the browser tests start it (tests/test_label_page.py uses these too)
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def open_label_page(browser, address, image=0, size=(900, 700)):
+    """A new tab on label.py's page at `address`, showing image number `image` -> the page."""
+    page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+    page.goto(address)
+    page.wait_for_function("S && picture.complete && picture.naturalWidth")
+    for _ in range(image):
+        page.keyboard.press("n")
+    page.wait_for_function(f"cur === {image} && picture.complete && picture.naturalWidth")
+    return page
+
+
+def screenshot(browser, address, path, image=0, size=(900, 700)):
+    """A screenshot of the page on image number `image`, with the model's map (key m) and its
+    suggestions when the server has a model."""
+    page = open_label_page(browser, address, image, size)
+    if page.evaluate("S.model"):
+        page.keyboard.press("m")
+        page.wait_for_function("overlay !== null && suggestions.length > 0")
+    page.screenshot(path=path)
+    page.close()
+
+
+def label_page_screenshot(base, path, image=0, size=(900, 700)):
+    """screenshot() in a browser of its own."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        screenshot(p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS), base, path,
+                   image, size)
 
 
 def main(argv=None):

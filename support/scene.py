@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
-import georef
-from cli import DataError
+from support import georef
+from support.cli import DataError
 
 NODATA = 42113  # GDAL's no-data value, as text
 # Pillow's guard against decompression bombs (179 MP) is lifted for the orthomosaics people map; this
@@ -299,60 +299,3 @@ def unpredict(raw, predictor, dtype, rows, width, s, bits):
         return np.ascontiguousarray(planes).view(dtype.newbyteorder(">")).reshape(rows, width, s)
     block = np.frombuffer(raw, dtype).reshape(rows, width, s)
     return np.cumsum(block, axis=1, dtype=dtype) if predictor == 2 else block
-
-
-# ---------------------------------------------------------------------------- pictures and statistics
-
-
-def display(samples, valid, show=None, low=2, high=98):
-    """What a person is shown: three bands (`show`, counted from 1; by default 1,2,3, or band 1 as grey
-    where there are fewer) as 8-bit RGB; other than 8-bit, each stretched between its percentiles `low`
-    and `high` over the scene's valid pixels, as GIS tools show 16-bit and float imagery; no data black."""
-    n = samples.shape[2]
-    show = show or ([1, 2, 3] if n >= 3 else [1, 1, 1])
-    if max(show) > n:
-        raise DataError(f"--show-bands {','.join(map(str, show))}: the scene has {n} band(s)")
-    picked = [b - 1 for b in (show * 3 if len(show) == 1 else show)]
-    if samples.dtype == np.uint8:
-        out = samples if picked == [0, 1, 2] and n == 3 else samples[..., picked]  # no copy of a photo
-    else:
-        step = max(1, int(math.sqrt(samples.shape[0] * samples.shape[1] / 1e6)))  # a million pixels suffice
-        sub = samples[::step, ::step][..., picked].reshape(-1, 3)
-        if valid is not None:
-            sub = sub[valid[::step, ::step].reshape(-1)]
-        lo, hi = np.percentile(sub, [low, high], axis=0) if len(sub) else (np.zeros(3), np.ones(3))
-        scale = 255 / np.maximum(hi - lo, 1e-12)
-        out = np.empty(samples.shape[:2] + (3,), np.uint8)
-        for y in range(0, len(samples), 256):  # in strips: a float copy of a whole scene could be gigabytes
-            strip = (samples[y : y + 256, :, picked] - lo) * scale
-            out[y : y + 256] = np.clip(strip, 0, 255).astype(np.uint8)
-    if valid is not None:
-        out = np.where(valid[..., None], out, np.uint8(0))
-    return np.ascontiguousarray(out)
-
-
-def band_statistics(images, valids):
-    """Each band's mean and standard deviation over the valid pixels of all `images` (a million pixels
-    of each suffice), the data set's one scale for every scene -> {"mean": [...], "std": [...]}."""
-    total, squares, count = 0.0, 0.0, 0
-    for image, valid in zip(images, valids):
-        step = max(1, int(math.sqrt(image.shape[0] * image.shape[1] / 1e6)))
-        sub = image[::step, ::step].reshape(-1, image.shape[2]).astype(np.float64)
-        if valid is not None:
-            sub = sub[valid[::step, ::step].reshape(-1)]
-        total, squares, count = total + sub.sum(0), squares + (sub**2).sum(0), count + len(sub)
-    if count == 0:
-        raise DataError("the training images hold no pixel with data")
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0))
-    return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}  # a constant band: no division by 0
-
-
-def fill_no_data(samples, valid, values):
-    """Write `values` (one per band: those the model's normalisation turns into 0) into the pixels with
-    no data, in place where it can: the network then sees no data as the data set's average, not as
-    black -> the samples."""
-    if valid is not None:
-        samples = samples if samples.flags.writeable else samples.copy()  # Pillow's pixels are read-only
-        samples[~valid] = np.asarray(values).round() if samples.dtype.kind in "ui" else values
-    return samples

@@ -2,8 +2,8 @@
 against the faster one, training against the reference recipe, predict.py end to end against a
 bare fp32 forward pass, the data pipeline and the loss, next to the machine's measured peak.
 
-    python bench.py            # about 3 minutes on a 2-core CPU
-    python bench.py --quick    # about a minute
+    python -m tools.bench            # about 3 minutes on a 2-core CPU
+    python -m tools.bench --quick    # about a minute
 """
 import argparse
 import platform
@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import sigmoid_focal_loss
 
 import data
-from cli import DataError, command_line
+import predict
 from loss import partial_focal_ce
-from model import build_model, to_input
-from resnet_unet import DecoderBlock
-from speed import bf16_possible, fold_batch_norm, keep_freed_memory, pick_device, pick_dtype
-from synthetic import synthetic_scene
-from maps import map_scene
+from model import build_model
+from support.bands import to_input
+from support.cli import DataError, command_line
+from support.maps import map_scene
+from support.speed import bf16_possible, fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device
+from support.speed import pick_dtype
+from support.synthetic import synthetic_scene
 
 FP32, BF16 = torch.float32, torch.bfloat16
 
@@ -134,7 +137,7 @@ def main(argv=None):
     peaks = {dt: peak(device, dt, reps) for dt in dtypes}
     print("peak: " + ", ".join(f"{str(k)[6:]} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     torch.manual_seed(0)
-    flops = flops_per_patch(build_model(6, "none"), patch)
+    flops = flops_per_patch(fold_upsampling(build_model(6, "none")), patch)
 
     # the reference recipe as a plain script runs it: smp's Unet and FocalLoss (ours, the same
     # architecture, with that loss, if smp is not installed), fp32, contiguous, malloc defaults
@@ -143,27 +146,26 @@ def main(argv=None):
 
         ref_model, ref_name = smp.Unet("resnet34", encoder_weights=None, classes=6), "smp Unet + FocalLoss"
     except ImportError:
+        # the U-Net as written: its decoder makes the upsampled input and concatenates it, as smp's does
         ref_model, ref_name = build_model(6, "none"), "this U-Net + smp's focal loss (no smp here)"
-        for block in ref_model.modules():  # smp's decoder: the upsampled input made and concatenated
-            if isinstance(block, DecoderBlock):
-                block.upsample_in_conv = False
     flops_of = {"reference": flops_per_patch(ref_model, patch)}
     print(f"ResNet-34 U-Net: {flops / 1e9:.1f} GFLOP per patch, forward + backward; the reference "
           f"{flops_of['reference'] / 1e9:.1f} (its decoder convolves the upsampled input)")
     ref_model = ref_model.to(device)
     reference = train_step_fn(ref_model, smp_focal_loss, device, FP32, batch, patch, reference=True)
     rows = {"reference": timed(reference, device, reps)}
-    model = build_model(6, "none").to(device, memory_format=torch.channels_last)
+    model = fold_upsampling(build_model(6, "none")).to(device, memory_format=torch.channels_last)
     ours = {dt: train_step_fn(model, partial_focal_ce, device, dt, batch, patch) for dt in dtypes}
     rows["malloc defaults"] = timed(ours[FP32], device, reps)
     keep_freed_memory()  # what train.py and predict.py do first
     for dt in dtypes:
         rows[dt] = timed(ours[dt], device, reps)
     for n in (4, 13):  # a first convolution of N bands: the rest of the network is the same
-        bands = build_model(6, "none", in_channels=n).to(device, memory_format=torch.channels_last)
+        bands = fold_upsampling(build_model(6, "none", in_channels=n))
+        bands = bands.to(device, memory_format=torch.channels_last)
         step = train_step_fn(bands, partial_focal_ce, device, FP32, batch, patch, bands=n)
         rows[n] = timed(step, device, reps)
-        flops_of[n] = flops_per_patch(build_model(6, "none", in_channels=n), patch, n)
+        flops_of[n] = flops_per_patch(fold_upsampling(build_model(6, "none", in_channels=n)), patch, n)
     names = {
         "reference": f"reference: {ref_name}, fp32, contiguous",
         "malloc defaults": "ours, fp32, channels_last, glibc malloc defaults",
@@ -198,11 +200,15 @@ def main(argv=None):
     whole = to_input(torch.from_numpy(np.zeros((1, 1504, 2176, 3), np.uint8)).to(device))  # padded to 32
     with torch.no_grad():
         bare = mp / timed(lambda: model(whole), device, max(1, reps // 3), warmup=1)
-    folded = fold_batch_norm(build_model(6, "none").to(device, memory_format=torch.channels_last).eval())
+    folded = fold_upsampling(fold_batch_norm(build_model(6, "none").eval()))
+    folded = folded.to(device, memory_format=torch.channels_last)
 
     meta = {"classes": list("abcdef"), "colours": [(40 * i, 40 * i, 40 * i) for i in range(6)]}
-    speeds = {dt: mp / timed(lambda: map_scene(folded, meta, dt, path, tmp / "scene", None), device,
-                             max(1, reps // 3), warmup=1) for dt in dtypes}
+
+    def mapped(dt):
+        return map_scene(partial(predict.sliding_window, folded, dtype=dt), meta, path, tmp / "scene")
+
+    speeds = {dt: mp / timed(lambda: mapped(dt), device, max(1, reps // 3), warmup=1) for dt in dtypes}
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()
@@ -215,7 +221,7 @@ def main(argv=None):
     print(f"predict.py's choice, {str(chosen)[6:]}: {share:.0%} of the faster precision's speed, "
           f"{speeds[chosen] / bare:.2f}x the bare fp32 forward pass")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import predict"], cwd=Path(__file__).parent, check=True)
+    subprocess.run([sys.executable, "-c", "import predict"], cwd=Path(__file__).parent.parent, check=True)
     print(f"predict.py start-up: imports {time.perf_counter() - t0:.1f} s (in a fresh process)")
 
     # the data pipeline alone: patches cut, augmented, batched and normalised, as train.py does

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from cli import DataError
+from support.cli import DataError
 
 KINDS = ["LineString", "MultiLineString", "Polygon", "MultiPolygon"]  # the GeoJSON geometries drawn
 

@@ -11,12 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-import clicks
-import model
-import scene
-import shapes
-from cli import DataError, tile_list
-from data import IGNORE, point_masks
+from support import IGNORE, clicks, scene, shapes
+from support.bands import fill_no_data, input_norm, no_data_value
+from support.cli import DataError, tile_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # colours of classes named by the clicks alone (no classes.json): matplotlib's ten, then hues apart
@@ -236,7 +233,7 @@ def check_patch(patch, images):
 def run_data(args, root):
     """Everything a run reads -> dict: classes, colours; names, images (no data filled in), valid, masks
     (dense, or None when training from clicks), points (the clicks, or None); bands (counted from 1)
-    and norm, how the network is fed (model.input_norm); val: [(name, image, valid, truth, dense)] with
+    and norm, how the network is fed (bands.input_norm); val: [(name, image, valid, truth, dense)] with
     the dense mask or the held-out clicks as truth."""
     files = find_images(root)
     classes = read_classes(root, required=not args.point_labels)
@@ -264,10 +261,10 @@ def run_data(args, root):
                                                             args.bands)
     n = out["images"][0].shape[2]
     out["bands"] = args.bands or list(range(1, n + 1))
-    out["norm"] = model.input_norm(out["images"], out["valid"])  # before no data is filled in
-    fill = model.no_data_value(out["norm"])
+    out["norm"] = input_norm(out["images"], out["valid"])  # before no data is filled in
+    fill = no_data_value(out["norm"])
     kind = np.result_type(*out["images"])  # one type for a batch (uint8 with uint16 tiles, say)
-    out["images"] = [scene.fill_no_data(im.astype(kind, copy=False), v, fill)
+    out["images"] = [fill_no_data(im.astype(kind, copy=False), v, fill)
                      for im, v in zip(out["images"], out["valid"])]
     if args.point_labels:
         out["points"] = [(i, x, y, c) for i, (n, _) in enumerate(train) for x, y, c in by_image[n]]
@@ -279,9 +276,11 @@ def run_data(args, root):
             if image.shape[2] != n:
                 raise DataError(f"{path}: has {image.shape[2]} band(s), the training images {n}")
             dense = mask is not None
-            if not dense:  # the held-out clicks, as a label map
-                mask = point_masks([(0, *p) for p in by_image[name]], [image.shape[:2]])[0]
-            out["val"].append((name, scene.fill_no_data(image, valid, fill), valid, mask, dense))
+            if not dense:  # the held-out clicks, as a label map: IGNORE but at the clicks
+                mask = np.full(image.shape[:2], IGNORE, np.uint8)
+                xs, ys, labels = np.array(by_image[name]).T
+                mask[ys, xs] = labels
+            out["val"].append((name, fill_no_data(image, valid, fill), valid, mask, dense))
     if not out["val"]:
         print("no validation: no validation image has a mask or clicks (see --val-images, --val-tiles)")
     return out

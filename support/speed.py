@@ -1,14 +1,17 @@
 """Running fast on the machine at hand: the device, the precision (fp32 or bf16, by timing both),
-glibc keeping freed memory, batch norm folded into the convolutions for inference."""
+glibc keeping freed memory, the decoder's upsampling folded into its convolutions, batch norm folded
+into the convolutions for inference. Each changes how fast the network runs, never what it computes."""
 import copy
 import ctypes
 import os
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from cli import DataError
+from support.cli import DataError
 
 
 def pick_device(name):
@@ -121,3 +124,42 @@ def fold_batch_norm(model):
                 conv.bias = torch.nn.Parameter((bias - bn.running_mean) * s + bn.bias)
                 setattr(parent, bn_name, torch.nn.Identity())
     return model
+
+
+def fold_upsampling(model):
+    """For training and inference alike, in place: each decoder block's first convolution takes its input
+    at the input's own resolution instead of upsampled 2x by nearest neighbour: 2.25x fewer
+    multiplications in that part of the block, the same result up to floating-point rounding.
+
+    A decoder block is a module whose conv1 is a (Conv2d, BatchNorm2d, ReLU) sequence (resnet_unet's
+    DecoderBlock; a ResNet block's conv1 is a bare Conv2d). A test checks that the folded network computes
+    what the plain one does."""
+    for block in model.modules():
+        if isinstance(getattr(block, "conv1", None), torch.nn.Sequential):
+            block.forward = types.MethodType(upsampled_in_conv, block)
+    return model
+
+
+def upsampled_in_conv(block, x, skip=None, size=None):
+    """A DecoderBlock's forward, its upsampling done inside conv1 where it is exactly 2x. conv1 of
+    cat([upsampled x, skip]) is conv1's first channels on the upsampled x plus the others on the skip:
+    the first part computed at x's own resolution."""
+    size = skip.shape[-2:] if skip is not None else size
+    if tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):  # odd sizes: as written
+        return type(block).forward(block, x, skip, size)
+    conv, bn, relu = block.conv1
+    n = x.shape[1]
+    out = upsample_conv(x, conv.weight[:, :n], conv.bias)
+    if skip is not None:
+        out = out + F.conv2d(skip, conv.weight[:, n:], padding=1)
+    return block.conv2(relu(bn(out)))
+
+
+def upsample_conv(x, weight, bias=None):
+    """A 3x3 convolution (padding 1) of x upsampled 2x by nearest neighbour, without making the
+    upsampled x. Along each axis the 3 taps of an upsampled pixel fall on only 2 pixels of x, so the
+    whole is a transposed convolution of stride 2 whose 4 taps per axis are sums of the 3:
+    [w2, w1+w2, w0+w1, w0]."""
+    b = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=weight.dtype, device=weight.device)
+    k = torch.einsum("rh,oihw,sw->iors", b, weight, b)  # (in, out, 4, 4): conv_transpose2d's layout
+    return F.conv_transpose2d(x, k, bias, stride=2, padding=1)

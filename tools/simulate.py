@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 import data
-import layout
-import shapes
-from cli import DataError, check_writable, command_line, tile_list
-from runs import find_data
+from support import layout, shapes
+from support.cli import DataError, check_writable, command_line, tile_list
+from support.runs import find_data
 
 VERTICES = 6  # of a polygon
 SECONDS = {"points": 2.4, "strokes": 10.9, "polygons": round(VERTICES * 2.4, 1)}  # a label, see above

@@ -5,8 +5,8 @@ import io
 import os
 import tempfile
 
-import clicks
-from cli import DataError
+from support import clicks
+from support.cli import DataError
 
 COLUMNS = ["image", "x", "y", "class"]  # those a clicks file must have; a new one has these alone
 

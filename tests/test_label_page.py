@@ -1,0 +1,517 @@
+"""The click page: its server (saves, refusals, blind mode) and the page in a real browser."""
+import contextlib
+import csv
+import errno
+import importlib.util
+import json
+import math
+import os
+import re
+import socket
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import label
+from support import clicks, label_guard, layout, scene
+from support.cli import DataError
+from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
+
+
+@contextlib.contextmanager
+def serving(*args):
+    """label.py with these arguments serving in a thread -> (base address, server)."""
+    server = label.serve(label.get_args([*map(str, args), "--port", "0"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def label_server(tiny, tmp_path):
+    """label.py serving two images of the tiny set (one cut to 90x60, so that x and y differ) with a
+    clicks file and the tiny run's checkpoint -> (base address, clicks file, server)."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    image = layout.read_image(tiny / "Tile 1" / "images" / "image_part_001.jpg")[0]
+    Image.fromarray(image[:60, :90]).save(root / "sub" / "wide.png")
+    Image.fromarray(image).save(root / "square.jpg")
+    (root / "classes.json").write_text((tiny / "classes.json").read_text())
+    points = tmp_path / "clicks.csv"
+    with serving(root, "--points", points) as (base, server):
+        yield base, points, server
+
+
+def request(url, body=None, headers=None):
+    """-> (status, body bytes) of a GET, or of a POST of `body` (bytes)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}), timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def change(base, server, click, **headers):
+    """POST a click to /change as the page does (JSON, with the token), `headers` over those -> status."""
+    page = {"Content-Type": "application/json", "X-Token": server.token}
+    return request(base + "/change", json.dumps(click).encode(), {**page, **headers})[0]
+
+
+def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_path, capsys):
+    base, points, server = label_server
+    state = json.loads(request(base + "/state")[1])
+    assert [i["name"] for i in state["images"]] == ["square.jpg", "sub/wide.png"]
+    assert state["images"][1]["width"] == 90 and state["images"][1]["height"] == 60 and not state["model"]
+    assert change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}) == 200
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,80,5,Road\n"  # saved at once
+    # the file is what train.py reads
+    info = {n: scene.image_info(server.labels.root / n) for n in ["square.jpg", "sub/wide.png"]}
+    assert clicks.read_clicks([points], info, layout.read_classes(server.labels.root)[0])[0] == \
+        {"sub/wide.png": [(80, 5, 2)]}
+    capsys.readouterr()
+    bad = [("/../classes.json", None), ("/image/..%2F..%2Fclasses.json", None), ("/image/%2e%2e", None),
+           ("/%2e%2e/%2e%2e/etc/passwd", None), ("//etc/passwd", None), ("/image/2", None),
+           ("/image/-1", None),
+           ("/map/0", None), ("/change", b"{not json"),  # /map: no model here
+           ("/change", b'{"image": "sub/wide.png", "x": 90, "y": 0, "class": "Road"}'),
+           ("/change", b'{"image": "../x.png", "x": 1, "y": 1, "class": "Road"}'),
+           ("/change", b'{"image": "sub/wide.png", "x": 1.5, "y": 1, "class": "Road"}'),
+           ("/change", b'{"image": "sub/wide.png", "x": 1, "y": 1, "class": "Lava"}'), ("/change", b"[1, 2]")]
+    for path, body in bad:
+        status, _ = request(base + path, body, {"Content-Type": "application/json", "X-Token": server.token})
+        assert (status == 404) if body is None else (status == 400), (path, status)
+    log = capsys.readouterr().err.strip().splitlines()
+    assert len(log) == len(bad) and "Traceback" not in "".join(log)  # one line each
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,80,5,Road\n"  # untouched by them
+    # two tabs at once: every change lands, and the file is always whole
+    def tab(k):
+        for y in range(10):
+            change(base, server, {"image": "square.jpg", "x": k, "y": y, "class": "Water"})
+
+    tabs = [threading.Thread(target=tab, args=(k,)) for k in range(4)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join()
+    rows = list(csv.DictReader(open(points)))
+    assert len(rows) == 41
+    assert {(int(r["x"]), int(r["y"])) for r in rows[1:]} == {(k, y) for k in range(4) for y in range(10)}
+    # a click on a point removes it; a new server (a reload) shows what was saved
+    change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5})
+    again = label.Labels(server.labels.root, points, None, None, 3)
+    assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows]
+    named = label.Labels(server.labels.root, tmp_path / "new.csv", "Water, Land,Road", None, 3)
+    assert named.names == ["Land", "Road", "Water"] and named.clicks() == []  # sorted, as train.py sorts them
+
+
+def test_label_server_saves_checks_and_removes_strokes(label_server, tmp_path, capsys):
+    base, points, server = label_server
+    assert change(base, server, {"image": "sub/wide.png", "x": 3, "y": 4, "class": "Road"}) == 200
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,3,4,Road\n"  # no stroke yet, no column
+    line = [[3, 4], [5, 4], [7, 5], [89, 59]]  # its first vertex where the point is: each stays its own
+    assert change(base, server, {"image": "sub/wide.png", "stroke": line, "class": "Water"}) == 200
+    stroke = "".join(f"sub/wide.png,{x},{y},Water,1\n" for x, y in line)
+    saved = "image,x,y,class,stroke\nsub/wide.png,3,4,Road,\n" + stroke
+    assert points.read_text() == saved
+    capsys.readouterr()
+    many = [[i % 90, i // 90] for i in range(label.VERTICES + 1)]
+    bad = [{"image": "sub/wide.png", "stroke": [[3, 4], [90, 0]], "class": "Water"},  # off the image
+           {"image": "sub/wide.png", "stroke": [[3, 4], [-1, 0]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4], [5.5, 0]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4], [True, 0]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4, 5]], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [], "class": "Water"},
+           {"image": "sub/wide.png", "stroke": [[3, 4]], "class": "Lava"},  # no such class
+           {"image": "sub/wide.png", "stroke": [[3, 4]], "class": ""},
+           {"image": "sub/wide.png", "stroke": many, "class": "Water"},  # too many vertices
+           {"image": "sub/wide.png", "stroke": [[3, 4]]},  # a removal names a number
+           {"image": "nowhere.png", "stroke": [[3, 4]], "class": "Water"}]
+    assert [change(base, server, b) for b in bad] == [400] * len(bad)
+    huge = {"image": "sub/wide.png", "stroke": [[10, 10]] * 30_000, "class": "Water"}  # over 256 kB
+    assert change(base, server, huge) == 413
+    log = capsys.readouterr().err.strip().splitlines()
+    assert len(log) == len(bad) + 1 and "Traceback" not in "".join(log)  # one line each
+    assert points.read_text() == saved  # untouched by them
+    # a click on the point at the stroke's first vertex removes the point only; a second stroke is number 2
+    assert change(base, server, {"image": "sub/wide.png", "x": 3, "y": 4}) == 200
+    assert change(base, server, {"image": "square.jpg", "stroke": [[1, 1], [2, 2]], "class": "Road"}) == 200
+    assert points.read_text() == "image,x,y,class,stroke\n" + stroke + \
+        "square.jpg,1,1,Road,2\nsquare.jpg,2,2,Road,2\n"
+    state = json.loads(request(base + "/state")[1])  # what a reload shows: the file, read another way
+    assert state["clicks"] == [] and state["strokes"] == [
+        {"image": "sub/wide.png", "stroke": 1, "class": "Water", "points": line},
+        {"image": "square.jpg", "stroke": 2, "class": "Road", "points": [[1, 1], [2, 2]]}]
+    assert change(base, server, {"image": "sub/wide.png", "stroke": 2}) == 200  # not this image's: kept
+    assert change(base, server, {"image": "square.jpg", "stroke": 2}) == 200
+    assert points.read_text() == "image,x,y,class,stroke\n" + stroke  # the column stays
+    # read back: a stroke's rows are consecutive, of one class; its number whole; blind mode takes none
+    root = server.labels.root
+    for rows, said in [("a,1,1,Water,1\na,2,2,Water,\na,3,3,Water,1\n", "stroke 1 again"),
+                       ("a,1,1,Water,1\na,2,2,Road,1\n", "stroke 1 again"),
+                       ("a,1,1,Water,x\n", "stroke 'x': a stroke is a whole number"),
+                       ("a,1,1,,3\n", "stroke '3': a stroke is a whole number from 0, with a class")]:
+        (tmp_path / "bad.csv").write_text("image,x,y,class,stroke\n" + rows.replace("a,", "square.jpg,"))
+        with pytest.raises(DataError, match=re.escape(said)):
+            label.Labels(root, tmp_path / "bad.csv", None, None, 3)
+    (tmp_path / "sample.csv").write_text("image,x,y,class,sample\nsquare.jpg,1,1,,1\n")
+    with pytest.raises(ValueError, match="blind mode: a sample is points"):
+        label.Labels(root, tmp_path / "sample.csv", None, None, 3).change(bad[0] | {"stroke": [[1, 1]]})
+
+
+def test_label_server_takes_changes_only_from_its_own_page(label_server, capsys):
+    base, points, server = label_server
+    port, token = server.server_address[1], server.token
+    click = {"image": "square.jpg", "x": 1, "y": 2, "class": "Water"}
+    capsys.readouterr()
+    writes = [{"Content-Type": "text/plain"},  # what a <form enctype="text/plain"> of another page sends
+              {"Content-Type": "application/x-www-form-urlencoded"}, {"X-Token": ""}, {"X-Token": token[:-1]},
+              {"Origin": f"http://127.0.0.1:{port + 1}"},  # another port is another site
+              {"Origin": "null"},  # a local file
+              {"Origin": f"http://evil.example:{port}"},
+              {"Host": f"evil.example:{port}"}]  # DNS rebinding: our address under the attacker's name
+    reads = [("/state", {"Host": f"evil.example:{port}"}), ("/image/0", {"Host": f"evil.example:{port}"}),
+             ("/", {"Host": f"127.0.0.1:{port + 1}"}), ("/state", {"Host": "127.0.0.1"}),
+             ("/state", {"Origin": "http://evil.example"})]
+    assert [change(base, server, click, **h) for h in writes] == [403] * len(writes)
+    assert [request(base + path, None, h)[0] for path, h in reads] == [403] * len(reads)
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == len(writes) + len(reads) and all("403, message refused: " in line for line in log)
+    assert not points.exists()  # nothing written
+    for host in [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost:{port}"]:
+        assert request(base + "/state", None, {"Host": host})[0] == 200, host
+    assert change(base, server, click, Origin=f"http://localhost:{port}") == 200
+    assert points.read_text() == "image,x,y,class\nsquare.jpg,1,2,Water\n"
+    # on every address: a warning, and any IP address is ours, a name still is not
+    everywhere = label.serve(label.get_args([str(server.labels.root), "--points", str(points),
+                                             "--host", "0.0.0.0", "--port", "0"]))
+    port = everywhere.server_address[1]
+    assert capsys.readouterr().out == f"warning: --host 0.0.0.0: anyone who can reach port {port} can read " \
+        "the images and, with the token, write clicks\n"
+    addresses = [f"10.1.2.3:{port}", f"localhost:{port}", f"evil.example:{port}", f"10.1.2.3:{port + 1}"]
+    assert [label_guard.ours(a, everywhere) for a in addresses] == [True, True, False, False]
+    everywhere.server_close()
+
+
+def test_label_server_writes_back_every_row_and_column(label_server, tmp_path):
+    root = label_server[2].labels.root
+    # predict.py's suggestions: images as given to it, the class empty, the model's hint and margin
+    rows = [(str(root / "square.jpg"), 5, 6, 0, 0.01), (str(root / "sub/wide.png"), 7, 8, 1, 0.02),
+            (str(root / "square.jpg"), 9, 10, 2, 0.03), (str(root / "sub/wide.png"), 11, 12, 0, 0.5)]
+    given = clicks.write_suggestions(tmp_path, rows, ["Water", "Road", "Building"], {})[0]
+    before = given.read_bytes().splitlines(keepends=True)
+    labels = label.Labels(root, given, None, None, 3)
+    assert [(c["x"], c["class"]) for c in labels.clicks()] == [(5, ""), (7, ""), (9, ""), (11, "")]  # shown
+    labels.change({"image": "sub/wide.png", "x": 7, "y": 8, "class": "Water"})  # fills its row in
+    labels.change({"image": "square.jpg", "x": 9, "y": 10})  # removes its row
+    labels.change({"image": "sub/wide.png", "x": 1, "y": 2, "class": "Road"})  # a new row, the rest empty
+    expected = [*before[:2], before[2].replace(b",7,8,,", b",7,8,Water,"), before[4],
+                b"sub/wide.png,1,2,Road,,\r\n"]
+    assert given.read_bytes() == b"".join(expected)
+    info = {n: scene.image_info(root / n) for n in ["square.jpg", "sub/wide.png"]}
+    assert clicks.read_clicks([given], info, labels.names)[0] == {"sub/wide.png": [(7, 8, 0), (1, 2, 2)]}
+    # Excel's "CSV UTF-8" (a byte-order mark), "\n" line ends, ';' with 'Image' (Excel where the comma is
+    # the decimal mark) and "Unicode text" (UTF-16, tabs) are written back as they were, a stroke too
+    for text, added, first, encoding in [
+            ("\ufeffimage,x,y,class,note\r\nsquare.jpg,3,4,Water,\"a, b\"\r\n",
+             "square.jpg,3,5,Building,\r\n", "Water", "utf-8"),
+            ("image,x,y,class\nsquare.jpg,3,4,2\n", "square.jpg,3,5,Building\n", "Road", "utf-8"),
+            ("Image;X;Y;Class\r\nsquare.jpg;3;4;Water\r\n", "square.jpg;3;5;Building\r\n", "Water", "utf-8"),
+            ("image\tx\ty\tclass\r\nsquare.jpg\t3\t4\tWater\r\n", "square.jpg\t3\t5\tBuilding\r\n", "Water",
+             "utf-16")]:
+        path = tmp_path / "excel.csv"
+        path.write_bytes(text.encode(encoding))
+        labels = label.Labels(root, path, None, None, 3)
+        assert labels.clicks() == [{"image": "square.jpg", "x": 3, "y": 4, "class": first}]  # 2: class 2
+        labels.change({"image": "square.jpg", "x": 3, "y": 5, "class": "Building"})
+        assert path.read_bytes() == (text + added).encode(encoding)
+    labels.change({"image": "square.jpg", "stroke": [[1, 1], [1, 3]], "class": "Road"})
+    header, *_, last = path.read_bytes().decode("utf-16").splitlines()
+    assert header == "image\tx\ty\tclass\tstroke" and last == "square.jpg\t1\t3\tRoad\t1"
+    assert clicks.read_clicks([path], info, labels.names)[0]["square.jpg"][:2] == [(3, 4, 0), (3, 5, 3)]
+    # GeoJSON is refused at start, whatever its name: the page writes CSV
+    for name, text in [("points.csv", '{"type": "FeatureCollection", "features": []}'),
+                       ("p.geojson", "\n [ ]\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{name}: GeoJSON, and the page reads and writes CSV") as e:
+            label.Labels(root, tmp_path / name, None, None, 3)
+        assert "\n" not in str(e.value) and (tmp_path / name).read_text() == text
+
+
+def test_label_server_on_a_full_disk_keeps_what_is_saved(label_server, monkeypatch, capsys):
+    base, points, server = label_server
+    first = {"image": "square.jpg", "x": 1, "y": 2, "class": "Water"}
+    assert change(base, server, first) == 200
+    saved = points.read_bytes()
+
+    def full(handle):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    capsys.readouterr()
+    assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4, "class": "Building"}) == 507
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == 1 and "507, message not saved: No space left on device" in log[0]
+    assert points.read_bytes() == saved
+    assert [p.name for p in points.parent.iterdir() if p.name.startswith(points.name)] == [points.name]
+    assert json.loads(request(base + "/state")[1])["clicks"] == [first]  # as a reload shows: what is on disk
+    monkeypatch.undo()
+    assert change(base, server, {"image": "square.jpg", "x": 5, "y": 6, "class": "Building"}) == 200
+    assert points.read_text() == "image,x,y,class\nsquare.jpg,1,2,Water\nsquare.jpg,5,6,Building\n"
+
+
+def test_label_server_answers_requests_it_does_not_expect_with_a_4xx(label_server, tmp_path, capsys):
+    base, points, server = label_server
+    port, click = server.server_address[1], b'{"image": "square.jpg", "x": 1, "y": 2, "class": "Water"}'
+    head = f"POST /change HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n" \
+           f"X-Token: {server.token}\r\n"
+    sent = [(head + "Content-Length: -1\r\n", click + b" " * 20_000, 400),  # else read to the end: 20 kB
+            (head + "Content-Length: 58a\r\n", click, 400), (head, click, 411),
+            (head + "Content-Length: 10000\r\n", b"[" * 5000 + b"]" * 5000, 400),  # too deep for json
+            (head + "Content-Length: 63\r\n", click.replace(b"Water", "水".encode()), 400),  # not Latin-1
+            (f"GET /image/\xb2 HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n", b"", 400),  # '²'.isdigit()
+            ("GET /state HTTP/1.0\r\n", b"", 403)]  # no Host
+    capsys.readouterr()
+    for text, body, status in sent:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(text.encode("latin-1") + b"\r\n" + body)
+            with contextlib.suppress(OSError):  # the server may have answered and closed already
+                s.shutdown(socket.SHUT_WR)
+            reply = s.makefile("rb").readline()
+        assert reply.startswith(f"HTTP/1.0 {status} ".encode()), (text, body[:20], reply)
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == len(sent) and "Traceback" not in "".join(log)  # one line each
+    assert not points.exists() and request(base + "/state")[0] == 200  # nothing saved, and still serving
+    # a link planted where a fixed temporary file would be is not followed; the file keeps its mode
+    victim, kept = tmp_path / "victim.txt", tmp_path / "kept.csv"
+    victim.write_text("mine")
+    kept.write_text("image,x,y,class\n")
+    kept.chmod(0o640)
+    (tmp_path / "kept.csv.tmp").symlink_to(victim)
+    label.Labels(server.labels.root, kept, None, None, 3).change(json.loads(click))
+    assert victim.read_text() == "mine" and kept.read_text() == "image,x,y,class\nsquare.jpg,1,2,Water\n"
+    assert kept.stat().st_mode & 0o777 == 0o640 and not kept.is_symlink()
+    # bad flag values: one line each, before anything starts
+    start = [str(server.labels.root), "--points", str(kept), "--port", "0"]
+    for flags, said in [(["--suggest", "-5"], "--suggest -5: "), (["--classes", " , "], "--classes ' , ': ")]:
+        with pytest.raises(DataError, match=re.escape(said)) as e:
+            label.serve(label.get_args(start + flags))
+        assert "\n" not in str(e.value)
+
+
+def test_label_blind_mode_shows_and_takes_the_sample_points_only(label_server, tiny_run, tmp_path, capsys):
+    root = label_server[2].labels.root
+    sample = tmp_path / "sample.csv"  # assess.py's: images as given to predict.py, the class empty
+    text = f"image,x,y,class,sample\r\n{root / 'sub/wide.png'},80,5,,1\r\n{root / 'square.jpg'},3,4,,2\r\n"
+    sample.write_bytes(text.encode())
+    with serving(root, "--points", sample, "--ckpt", tiny_run[1] / "ckpt.pt") as (base, server):
+        assert "ignored" in capsys.readouterr().out  # the map would tell the person what to answer
+        state = json.loads(request(base + "/state")[1])
+        assert state["blind"] and not state["model"]
+        assert state["clicks"] == [{"image": "sub/wide.png", "x": 80, "y": 5, "class": "", "sample": 1},
+                                   {"image": "square.jpg", "x": 3, "y": 4, "class": "", "sample": 2}]
+        assert request(base + "/map/0")[0] != 200 and request(base + "/suggestions/0")[0] != 200
+        assert change(base, server, {"image": "square.jpg", "x": 9, "y": 9, "class": "Road"}) == 400  # off it
+        assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4}) == 400  # none removed
+        assert sample.read_bytes() == text.encode()
+        assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4, "class": "Road"}) == 200
+    assert sample.read_bytes() == text.replace(",3,4,,2", ",3,4,Road,2").encode()
+
+
+def chromium_missing():
+    return importlib.util.find_spec("playwright") is None or not Path("/usr/bin/chromium").exists()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the browser tests of this file (each launch costs seconds)."""
+    if chromium_missing():
+        pytest.skip("needs Chromium and Playwright: apt-get install -y chromium && pip install playwright")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS)
+        yield browser
+        browser.close()
+
+
+def click_on_the_page(page):
+    """Press 3, click the canvas twice at one place (add, then remove) -> dict: box, the client
+    position clicked, toImage there, nearest() near and far from the point, the clicks after the add."""
+    seen = {}
+    page.keyboard.press("3")
+    box = page.locator("canvas").bounding_box()
+    seen["box"], scale = box, box["width"] / 90  # CSS pixels per image pixel
+    # 2 CSS pixels right of and below the centre of image pixel (54, 16)
+    at = seen["at"] = (box["x"] + 54.5 * scale + 2, box["y"] + 16.5 * scale + 2)
+    seen["toImage"] = page.evaluate(f"toImage({at[0]}, {at[1]})")
+    page.mouse.click(*at)
+    page.wait_for_function("S.clicks.length === 1")
+    seen["nearest"] = [page.evaluate(f"nearest(here(), {at[0] + d}, {at[1] - d})") for d in (2, 9)]
+    seen["after add"] = page.evaluate("S.clicks")
+    page.mouse.click(*at)
+    page.wait_for_function("S.clicks.length === 0")
+    return seen
+
+
+# another site's page: a form posting text/plain that reads as JSON, and a no-cors fetch
+ATTACK = """<!doctype html><form method="post" enctype="text/plain" action="{base}/change">
+<input name='{{"image": "square.jpg", "x": 7, "y": 7, "class": "Water", "pad": "' value='"}}'></form>
+<script>fetch("{base}/change", {{mode: "no-cors", method: "POST",
+  body: '{{"image": "square.jpg", "x": 8, "y": 8, "class": "Water"}}'}})
+  .finally(() => document.forms[0].submit());
+</script>"""
+
+
+def test_label_page_in_a_browser_saves_its_own_clicks_only(chromium, label_server, tmp_path, monkeypatch,
+                                                            capsys):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    base, points, server = label_server
+
+    class Attacker(BaseHTTPRequestHandler):
+        def do_GET(self):
+            page = ATTACK.format(base=base).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    tab = chromium.new_page()
+    tab.goto(f"http://127.0.0.1:{other.server_address[1]}/")
+    tab.wait_for_url(base + "/change")  # the form was sent, after the fetch
+    other.shutdown()
+    other.server_close()
+    tab.close()
+    refused = [line for line in capsys.readouterr().err.splitlines() if '"POST /change' in line]
+    assert len(refused) == 2 and all("403, message refused: " in line for line in refused)
+    assert not points.exists()
+    # the page itself: the right pixel, saved
+    page = open_label_page(chromium, f"{base}/#token={server.token}", image=1)  # the second image: 90x60
+    seen = click_on_the_page(page)
+    box, (cx, cy) = seen["box"], seen["at"]
+    # the reference: the canvas box is the whole 90x60 image, so a client position maps proportionally
+    x, y = math.floor((cx - box["x"]) * 90 / box["width"]), math.floor((cy - box["y"]) * 60 / box["height"])
+    assert abs(box["width"] / box["height"] - 90 / 60) < 0.02  # the box has the image's shape
+    assert seen["toImage"] == {"x": x, "y": y} and (x, y) == (54, 16)
+    assert seen["after add"] == [{"image": "sub/wide.png", "x": x, "y": y, "class": "Road"}]  # key 3: class 2
+    assert seen["nearest"] == [seen["after add"][0], None]  # 4 CSS pixels from the point, and 11
+    assert points.read_text() == "image,x,y,class\n"  # the second click removed it
+    # a full disk: the page says so, and shows what the file holds
+    monkeypatch.setattr(os, "fsync", lambda handle: exec("raise OSError(28, 'No space left on device')"))
+    page.mouse.click(cx, cy)
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('not saved: 507')")
+    assert page.evaluate("S.clicks") == [] and points.read_text() == "image,x,y,class\n"
+    monkeypatch.undo()
+    page.close()
+    screenshot(chromium, base + "/", tmp_path / "page.png", image=1)  # as README's picture is taken
+    assert Image.open(tmp_path / "page.png").size == (900, 700)
+
+
+def colour_between(page, a, b):
+    """The colour ('#RRGGBB') the page's canvas shows halfway between the centres of image pixels a and b."""
+    rgb = page.evaluate("""([x, y]) => { const d = window.devicePixelRatio || 1, c = toCanvas(x, y);
+        return [...ctx.getImageData(Math.round(c.x * d), Math.round(c.y * d), 1, 1).data]; }""",
+                        [(a[0] + b[0]) / 2, (a[1] + b[1]) / 2])
+    return "#%02X%02X%02X" % tuple(rgb[:3])
+
+
+def test_label_page_in_a_browser_draws_saves_and_removes_strokes(chromium, label_server):
+    base, points, server = label_server
+    page = open_label_page(chromium, f"{base}/#token={server.token}", image=1)  # sub/wide.png, 90x60
+    page.keyboard.press("2")
+    name, colour = page.evaluate("[S.classes[1].name, S.classes[1].colour]")
+    box = page.locator("canvas").bounding_box()
+    scale = box["width"] / 90  # CSS pixels per image pixel
+    client = lambda x, y: (box["x"] + x * scale, box["y"] + y * scale)  # noqa: E731
+    pixel = lambda cx, cy: (math.floor((cx - box["x"]) / scale), math.floor((cy - box["y"]) / scale))  # noqa
+    start, end = client(10.3, 20.6), client(70.8, 41.2)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=25)
+    drawing = page.evaluate("down.path.map(p => [p.x, p.y])")
+    assert colour_between(page, *drawing[4:6]) == colour  # drawn as it is drawn
+    page.mouse.up()
+    page.wait_for_function("S.strokes.length === 1")
+    rows = list(csv.DictReader(open(points)))
+    assert open(points).readline() == "image,x,y,class,stroke\n" and page.evaluate("S.clicks") == []
+    assert {(r["image"], r["class"], r["stroke"]) for r in rows} == {("sub/wide.png", name, "1")}
+    xy = [(int(r["x"]), int(r["y"])) for r in rows]
+    assert xy[0] == pixel(*start) == (10, 20) and xy[-1] == pixel(*end) == (70, 41)  # where the drag was
+    (x0, y0), (x1, y1) = xy[0], xy[-1]
+    for x, y in xy:  # each vertex a pixel the straight drag crossed: within a pixel of its line
+        assert abs((x1 - x0) * (y - y0) - (y1 - y0) * (x - x0)) / math.hypot(x1 - x0, y1 - y0) < 1.5
+    steps = [math.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(xy, xy[1:])]
+    assert len(xy) >= 10 and min(steps[:-1]) >= 2 and all(b[0] > a[0] for a, b in zip(xy, xy[1:]))
+    # a reload shows it, drawn in its class colour
+    page.reload()
+    page.wait_for_function("S && picture.complete && picture.naturalWidth")
+    page.keyboard.press("n")
+    page.wait_for_function("cur === 1 && picture.complete && picture.naturalWidth")
+    assert page.evaluate("S.strokes") == [{"image": "sub/wide.png", "stroke": 1, "class": name,
+                                           "points": [list(p) for p in xy]}]
+    assert [list(p) for p in xy[:len(drawing)]] == drawing and len(xy) - len(drawing) <= 1  # + the release's
+    assert colour_between(page, *xy[4:6]) == colour
+    # a click near the line, between its vertices, removes the whole stroke; a click elsewhere adds a point
+    page.mouse.click(*client((xy[4][0] + xy[5][0]) / 2 + 0.5, (xy[4][1] + xy[5][1]) / 2 + 0.5))
+    page.wait_for_function("S.strokes.length === 0")
+    assert points.read_text() == "image,x,y,class,stroke\n"
+    page.keyboard.press("2")  # a reload chose the first class again
+    page.mouse.click(*client(30.5, 5.5))
+    page.wait_for_function("S.clicks.length === 1")
+    assert points.read_text() == f"image,x,y,class,stroke\nsub/wide.png,30,5,{name},\n"
+    # a drag out of the image ends its stroke at the edge: no vertex off the image, none along the edge
+    page.mouse.move(*client(80.5, 30.5))
+    page.mouse.down()
+    page.mouse.move(*client(100.5, 30.5), steps=10)
+    page.mouse.move(*client(100.5, 10.5), steps=5)
+    page.mouse.up()
+    page.wait_for_function("S.strokes.length === 1")
+    assert page.evaluate("S.strokes[0].points") == [[x, 30] for x in (80, 82, 84, 86, 88)]
+    # shift-drag pans: no stroke
+    page.keyboard.down("Shift")
+    page.mouse.move(*client(50, 50))
+    page.mouse.down()
+    page.mouse.move(*client(60, 50), steps=3)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    assert page.evaluate("view.panX") == pytest.approx(10 * scale, abs=1)
+    assert page.evaluate("S.strokes.length") == 1
+    page.close()
+
+
+def test_label_page_in_a_browser_blind_mode_labels_point_after_point(chromium, label_server, tmp_path):
+    root = label_server[2].labels.root
+    sample = tmp_path / "sample.csv"  # the rows out of the sample's order
+    sample.write_text("image,x,y,class,sample\nsub/wide.png,80,5,,2\nsquare.jpg,10,20,,1\n"
+                      "square.jpg,50,60,,3\n")
+    with serving(root, "--points", sample) as (base, server):
+        page, asked = chromium.new_page(viewport={"width": 900, "height": 700}), []
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(f"{base}/#token={server.token}")
+        page.wait_for_function("S && k === 0 && cur === 0 && picture.complete && picture.naturalWidth")
+        at, box = page.evaluate("[toCanvas(10, 20), canvas.getBoundingClientRect()]")  # point 1, centred
+        assert abs(at["x"] - box["width"] / 2) < 1 and abs(at["y"] - box["height"] / 2) < 1
+        page.keyboard.press("3")  # Road
+        page.wait_for_function("k === 1 && cur === 1 && picture.complete")  # on to sample point 2
+        assert "1 of 3 labelled" in page.text_content("#title")
+        page.keyboard.press("m")
+        box = page.locator("canvas").bounding_box()
+        page.mouse.click(box["x"] + 5, box["y"] + 5)  # elsewhere: adds nothing
+        page.keyboard.press("n")
+        page.wait_for_function("k === 2")
+        assert not page.evaluate("showMap") and page.evaluate("S.clicks.length") == 3
+        assert "probability sample" in page.text_content("#help")
+        page.close()
+    assert [u for u in asked if "/map" in u or "/suggestions" in u or "/change" in u] == [base + "/change"]
+    assert sample.read_text() == "image,x,y,class,sample\nsub/wide.png,80,5,,2\nsquare.jpg,10,20,Road,1\n" \
+        "square.jpg,50,60,,3\n"
