@@ -25,8 +25,8 @@ from loss import partial_focal_ce
 from model import build_model
 from support import clicks, layout, maps
 from support.bands import display, to_input
-from support.cli import DataError, band_list, command_line
-from support.runs import HERE, KAGGLE, find_data, last_checkpoint, open_run_folder, resume_state, save_run
+from support.cli import DataError, band_list, command_line, written
+from support.runs import HERE, KAGGLE, OUTPUTS, find_data, last_checkpoint, resume_state, run_folder, save_run
 from support.runs import start_processes
 from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_dtype
 
@@ -161,7 +161,8 @@ def write_panel(path, model, meta, val, args, dtype):
         labels = data.point_masks(data.sample_points([truth], p, args.points, args.seed)[0], [truth.shape])[0]
     colours = meta["colours"]
     panels = [Image.fromarray(image), maps.draw_points(image, labels, colours), maps.colourize(pred, colours)]
-    maps.side_by_side(panels + [maps.colourize(truth, colours)] if dense else panels).save(path)
+    with written(path) as tmp:
+        maps.side_by_side(panels + [maps.colourize(truth, colours)] if dense else panels).save(tmp)
 
 
 def epoch_line(epoch, args, loss, s, speed, seconds):
@@ -200,8 +201,12 @@ def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
     device, rank, world = start_processes(args.device)
-    out, ckpt = open_run_folder(args, world, vars(get_args([])))
+    with run_folder(args, world, vars(get_args([]))) as (out, ckpt):  # no other run writes there meanwhile
+        return run(args, device, rank, world, out, ckpt)
 
+
+def run(args, device, rank, world, out, ckpt):
+    """The data, the model and the loop, writing to the run folder `out`; ckpt: the run to resume."""
     # data: the images, the labels they are trained on, and what validation scores against
     root = find_data(args, rank, world)
     d = layout.run_data(args, root)
@@ -231,7 +236,7 @@ def main(argv=None):
             "norm": d["norm"], "dtype": str(d["images"][0].dtype), "show_bands": args.show_bands,
             "precision": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]}
     ema = copy.deepcopy(model) if args.ema else None  # with --ema, the weights validated and saved
-    history, start = resume_state(ckpt, model, optimizer, out, ema)
+    history, start = resume_state(ckpt, meta, model, optimizer, out, ema)
     shown = model if ema is None else ema
     net = DistributedDataParallel(model) if world > 1 else model
     if rank == 0:  # every input is checked: the run folder is written from here on
@@ -265,8 +270,7 @@ def main(argv=None):
         sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
-    outputs = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv", "points.jpg"]
-    print("done: " + ", ".join(str(out / name) for name in outputs if (out / name).exists()))
+    print("done: " + ", ".join(str(out / name) for name in OUTPUTS if (out / name).exists()))
     return shown
 
 
@@ -280,7 +284,8 @@ def write_labels(out, d, labels, points, show):
     if points is not None:
         clicks.write_points(out / "points.csv", points, d["names"])
         picture = display(d["images"][0], d["valid"][0], show)
-        maps.draw_points(picture, labels[0], d["colours"]).save(out / "points.jpg", quality=90)
+        with written(out / "points.jpg") as tmp:
+            maps.draw_points(picture, labels[0], d["colours"]).save(tmp, quality=90)
 
 
 def check_labels(n_labels, args):

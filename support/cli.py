@@ -1,7 +1,10 @@
 """Command-line plumbing the scripts share: bad input as one line and exit code 2, an output folder
-tried for writing before any long work, comma lists read from flags."""
+tried for writing before any long work, files written whole or not at all, comma lists read from flags."""
 import os
+import secrets
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -43,6 +46,28 @@ def check_writable(folder, flag, keep=False):
                 p.rmdir()
             except OSError:
                 pass
+
+
+@contextmanager
+def written(path):
+    """with written(path) as tmp: write the file `tmp` (any library, by name); at the end of the block it
+    is renamed to `path`, so that `path` holds the old file or the whole new one, never part of one,
+    whatever stops the writing (a full disk, a kill). `tmp` is new, beside `path`, made exclusively with
+    a name no other process uses; a link where the output goes is refused, never written through. A
+    write that fails is one line naming the file and the free space."""
+    path = Path(path)
+    if path.is_symlink():
+        raise DataError(f"{path}: is a link; an output is never written through one (remove the link)")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to open()
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.is_dir() else 0
+        raise DataError(f"{path}: cannot be written ({e.strerror or e}; {free:,.0f} MB free there)")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def tile_list(text, default):

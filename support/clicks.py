@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from support import georef, shapes
-from support.cli import DataError
+from support.cli import DataError, written
 
 CLASS_FIELDS = ["class", "class_name", "label", "class_id"]  # where a click's class is looked for
 DRAWN = ["stroke", "polygon"]  # CSV columns whose values tie consecutive rows into one line or ring
@@ -357,7 +357,7 @@ def filled_in(path):
 
 def write_points(path, points, names):
     """The points a run trains on -> CSV image,x,y,class (class as its index)."""
-    with open(path, "w", newline="") as f:
+    with written(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class"])
         w.writerows([names[i], x, y, c] for i, x, y, c in points)

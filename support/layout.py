@@ -13,7 +13,7 @@ import numpy as np
 
 from support import IGNORE, clicks, scene, shapes
 from support.bands import fill_no_data, input_norm, no_data_value
-from support.cli import DataError, tile_list
+from support.cli import DataError, tile_list, written
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # colours of classes named by the clicks alone (no classes.json): matplotlib's ten, then hues apart
@@ -55,7 +55,8 @@ def read_classes(root, required=True):
 
 def write_classes(path, names, colours):
     classes = [{"title": n, "color": "#%02X%02X%02X" % tuple(c)} for n, c in zip(names, colours)]
-    Path(path).write_text(json.dumps({"classes": classes}, indent=1))
+    with written(path) as tmp:
+        tmp.write_text(json.dumps({"classes": classes}, indent=1))
 
 
 def find_images(root):

@@ -1,22 +1,25 @@
 """Around the training loop: processes under torchrun, the run folder, resuming, where the data is.
 Nothing here is the method; train.py calls each piece in one line."""
+import errno
+import fcntl
 import json
 import os
-import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from support import synthetic
-from support.cli import DataError, check_writable
+from support.cli import DataError, check_writable, written
 from support.speed import pick_device
 
 HERE = Path(__file__).parent.parent  # the project folder
 KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
 SYNTHETIC = HERE / "data" / "synthetic"
+OUTPUTS = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv", "points.jpg"]  # what a run writes
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
 SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_width", "points", "train_tiles",
                   "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",
@@ -39,30 +42,84 @@ def start_processes(device_name):
     return device, dist.get_rank(), world
 
 
-def open_run_folder(args, world, defaults):
-    """-> (run folder, the checkpoint to resume or None). A folder that holds a run is refused
-    without --resume or --overwrite; the folder is made and tried for writing before long work.
-    A setting that a checkpoint lacks (it was written before the flag existed) counts as the flag's
-    default, which does what that older code did."""
+@contextmanager
+def run_folder(args, world, defaults):
+    """with run_folder(...) as (out, ckpt): the run folder, held by this run while the block runs, and the
+    checkpoint to resume or None. A folder that holds a run is refused without --resume or --overwrite,
+    a folder another train.py is running in is refused, and the folder is tried for writing before long
+    work. A setting that a checkpoint lacks (it was written before the flag existed) counts as the
+    flag's default, which does what that older code did. A folder made here and left empty (an input
+    refused later) is removed again."""
     out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
     args.out = str(out)
-    ckpt = None
-    if args.resume:
-        if not (out / "ckpt.pt").exists():
-            raise DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
-        settings = read_checkpoint(out / "ckpt.pt")["args"]  # mapped: a refused resume reads no weights
-        for k in SAME_ON_RESUME:
-            was = settings.get(k, defaults[k])
-            if getattr(args, k) != was:
-                flag = "--" + k.replace("_", "-")
-                raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
-        ckpt = read_checkpoint(out / "ckpt.pt", mmap=False)  # read whole: the next save replaces the file
-    elif ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
-        raise DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")
-    check_writable(out, "--out", keep=world > 1)
-    if world > 1:
-        dist.barrier()  # every process has looked at --out before anyone writes there
-    return out, ckpt
+    made = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
+    check_writable(out, "--out", keep=True)
+    lock = hold(out) if world == 1 or dist.get_rank() == 0 else None
+    try:
+        ckpt = resumed(out, args, defaults)
+        if world > 1:
+            dist.barrier()  # every process has looked at --out before anyone writes there
+        yield out, ckpt
+    finally:
+        if lock is not None:
+            release(out, lock)
+        for p in made:
+            try:
+                p.rmdir()  # only where empty
+            except OSError:
+                break
+
+
+def resumed(out, args, defaults):
+    """The checkpoint of the run in `out` to resume (None if not --resume), its settings checked; a run
+    there without --resume or --overwrite is refused."""
+    links = [name for name in OUTPUTS if (out / name).is_symlink()]
+    if links:
+        raise DataError(f"{out / links[0]}: is a link; a run never writes through one (remove it)")
+    if not args.resume:
+        if ((out / "ckpt.pt").exists() or (out / "points.csv").exists()) and not args.overwrite:
+            raise DataError(f"{out}: already holds a run; --resume continues it, --overwrite replaces it")
+        return None
+    if not (out / "ckpt.pt").exists():
+        raise DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
+    settings = read_checkpoint(out / "ckpt.pt")["args"]  # mapped: a refused resume reads no weights
+    for k in SAME_ON_RESUME:
+        was = settings.get(k, defaults[k])
+        if getattr(args, k) != was:
+            flag = "--" + k.replace("_", "-")
+            raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")
+    return read_checkpoint(out / "ckpt.pt", mmap=False)  # read whole: the next save replaces the file
+
+
+def hold(out):
+    """Take `out` for this process: an exclusive lock on out/train.lock, which holds its pid. The kernel
+    lets go of a lock when its process ends, however it ends: a killed run's lock is never in the way.
+    -> the lock file's descriptor."""
+    path = out / "train.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise DataError(f"{path}: cannot be made ({e.strerror}; a link there is not followed)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataError(f"--out {out}: another train.py (process {pid}) is running there; wait for it "
+                            "or choose another --out")
+        if path.exists() and path.stat().st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the run that held it removed the file between our open and our lock: again
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def release(out, fd):
+    """Let go of the folder: the lock file goes, then the lock."""
+    (out / "train.lock").unlink(missing_ok=True)
+    os.close(fd)
 
 
 def find_data(args, rank, world):
@@ -78,11 +135,16 @@ def find_data(args, rank, world):
     return SYNTHETIC
 
 
-def resume_state(ckpt, model, optimizer, out, ema=None):
-    """-> (history, first epoch): the checkpoint's when resuming, else a fresh start. With a moving
-    average of the weights, the checkpoint's "model" is the average and "trained" the weights."""
+def resume_state(ckpt, meta, model, optimizer, out, ema=None):
+    """-> (history, first epoch): the checkpoint's when resuming, else a fresh start. The classes (names
+    and order) and the bands must be those of the run resumed. With a moving average of the weights, the
+    checkpoint's "model" is the average and "trained" the weights."""
     if ckpt is None:
         return [], 0
+    for key, what in [("classes", "classes"), ("bands", "bands")]:
+        if list(ckpt[key]) != list(meta[key]):
+            was, now = ", ".join(map(str, ckpt[key])), ", ".join(map(str, meta[key]))
+            raise DataError(f"--resume: the {what} are now {now}; the run's were {was}")
     if ema is None:
         model.load_state_dict(ckpt["model"])
     else:
@@ -102,15 +164,10 @@ def save_run(out, model, optimizer, meta, history, args, ema=None):
         state["trained"] = model.state_dict()
     try:
         save_checkpoint(out / "ckpt.pt", {**meta, **state, "history": history, "args": vars(args)})
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps({"history": history}, indent=1))
-        tmp.replace(out / "metrics.json")
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save says so as a RuntimeError
-        (out / "metrics.json.tmp").unlink(missing_ok=True)
-        free = shutil.disk_usage(out).free / 1e6
-        why = getattr(e, "strerror", None) or "write failed"
-        raise DataError(f"{out}: cannot write the checkpoint of epoch {history[-1]['epoch']} ({why}; "
-                        f"{free:.0f} MB free on its disk); the last whole checkpoint: "
+        with written(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps({"history": history}, indent=1))
+    except DataError as e:  # a full disk
+        raise DataError(f"{e}: epoch {history[-1]['epoch']} is not saved; the last whole checkpoint: "
                         f"{last_checkpoint(out, history[:-1])}")
 
 
@@ -121,18 +178,16 @@ def last_checkpoint(out, history):
 
 
 def save_checkpoint(path, ckpt):
-    """Write to a temporary file, then rename: a kill leaves the old checkpoint or the new one,
-    never a torn file."""
-    tmp = Path(str(path) + ".tmp")
+    """Written whole or not at all (cli.written): a kill leaves the old checkpoint or the new one."""
     crc = torch.serialization.get_crc32_options()
     # no CRC-32 of every record: torch.load never checks it, and it took three quarters of the save
     torch.serialization.set_crc32_options(False)
     try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, say: no half-written file is left on it
-        tmp.unlink(missing_ok=True)
-        raise
+        with written(path) as tmp:
+            try:
+                torch.save(ckpt, tmp)
+            except RuntimeError:  # a full disk: torch.save says so as a RuntimeError
+                raise OSError(errno.EIO, "write failed")
     finally:
         torch.serialization.set_crc32_options(crc)
 

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import predict
 import train
 from conftest import HERE, start_script, tiny_args
 from loss import partial_focal_ce
-from support import speed
+from support import runs, speed
 from support.cli import DataError, command_line
 from support.runs import save_checkpoint
 
@@ -150,9 +151,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_whole_checkpoint(tiny, tmp_p
     assert command_line(train.main, tiny_args(tiny, run, "--epochs", "2", "--resume")) == 2
     monkeypatch.undo()
     said = capsys.readouterr().err
-    assert re.fullmatch(r"error: \S+: cannot write the checkpoint of epoch 2 \(write failed; \d+ MB free on "
-                        r"its disk\); the last whole checkpoint: \S+ckpt.pt \(after epoch 1\)\n", said)
-    assert not list(run.glob("*.tmp"))  # no half-written file left on the full disk
+    assert re.fullmatch(r"error: \S+ckpt.pt: cannot be written \(write failed; [\d,]+ MB free there\): epoch 2 is "
+                        r"not saved; the last whole checkpoint: \S+ckpt.pt \(after epoch 1\)\n", said)
+    assert not list(run.glob(".*"))  # no half-written file left on the full disk
     assert torch.load(run / "ckpt.pt", weights_only=True)["epoch"] == 1
 
 
@@ -274,3 +275,52 @@ def test_non_finite_loss_stops_with_step_and_images(tiny, tmp_path, monkeypatch,
     said = capsys.readouterr().out
     assert stop.value.code == 1 and "epoch 2 step 2: loss is nan" in said and "Tile " in said
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 1  # the last good one
+
+
+def test_a_run_writes_through_no_link_and_holds_its_folder(mini, tmp_path, capsys):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("someone's file")
+    for name in ["ckpt.pt.tmp", "metrics.json.tmp", "train.lock"]:  # names a run might write by
+        (out / name).symlink_to(victim)
+    args = tiny_args(mini, out, "--patch", "32")
+    with pytest.raises(DataError, match="train.lock: cannot be made .*a link there is not followed"):
+        train.main(args)
+    (out / "train.lock").unlink()
+    train.main(args)
+    assert victim.read_text() == "someone's file" and (out / "ckpt.pt").is_file()
+    assert not (out / "train.lock").exists()  # let go at the end
+    (out / "panel.png").unlink()
+    (out / "panel.png").symlink_to(victim)  # where an output goes: refused before any work
+    assert command_line(train.main, args + ["--overwrite"]) == 2
+    assert "panel.png: is a link; a run never writes through one" in capsys.readouterr().err
+    (out / "panel.png").unlink()
+    lock = runs.hold(out)  # a second train.py on the folder: refused while the first holds it
+    with pytest.raises(DataError, match=rf"another train.py \(process {os.getpid()}\) is running there"):
+        train.main(args + ["--overwrite"])
+    runs.release(out, lock)
+    (out / "train.lock").write_text("12345\n")  # left by a run that was killed: held by nobody
+    train.main(args + ["--overwrite"])
+
+
+def test_a_resumed_run_must_have_the_classes_and_bands_it_had(mini, tmp_path):
+    data = tmp_path / "set"
+    shutil.copytree(mini, data)
+    args = tiny_args(data, tmp_path / "run", "--patch", "32")
+    train.main(args)
+    classes = json.loads((data / "classes.json").read_text())
+    renamed = json.loads(json.dumps(classes))
+    renamed["classes"][2]["title"] = "Street"  # the same colours, another name
+    (data / "classes.json").write_text(json.dumps(renamed))
+    with pytest.raises(DataError, match=r"--resume: the classes are now Water, .*Street.*; the run's were "
+                                        r"Water, .*Road"):
+        train.main(args + ["--resume", "--epochs", "2"])
+    added = json.loads(json.dumps(classes))
+    added["classes"].append({"title": "Pool", "color": "#00FFFF"})
+    (data / "classes.json").write_text(json.dumps(added))
+    with pytest.raises(DataError, match="--resume: the classes are now .*Pool"):
+        train.main(args + ["--resume", "--epochs", "2"])
+    (data / "classes.json").write_text(json.dumps(classes))
+    with pytest.raises(DataError, match="--resume: --bands .* differs"):  # bands: a setting of the run
+        train.main(args + ["--resume", "--epochs", "2", "--bands", "1,2"])
+    train.main(args + ["--resume", "--epochs", "2"])
