@@ -23,7 +23,7 @@ from data import IGNORE
 from model import load_checkpoint
 from support import clicks, layout, maps, scene
 from support.bands import display, model_input, to_input
-from support.cli import DataError, band_list, command_line, tile_list
+from support.cli import DataError, WriteError, band_list, command_line, tile_list, written
 from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device, pick_dtype
 
 WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
@@ -206,12 +206,14 @@ def score_tiles(logits_of, meta, args, out, bands, show):
         conf = conf + confusion(mask, pred, len(names))
         stem = name.replace("/", "_").rsplit(".", 1)[0]
         shown = display(s["samples"], s["valid"], show)
-        maps.compare(shown, pred, mask, colours).save(out / f"{stem}_compare.png")
+        with written(out / f"{stem}_compare.png") as tmp:
+            maps.compare(shown, pred, mask, colours).save(tmp)
         print(f"{name}  {image.shape[1]}x{image.shape[0]}  {time.time() - t0:.1f}s")
     s = scores(conf, names)
     print(f"scores on tiles {','.join(map(str, tiles))} of {args.data}:")
     print_scores(s)
-    (out / "metrics.json").write_text(json.dumps(s, indent=1))
+    with written(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(s, indent=1))
 
 
 def main(argv=None):
@@ -269,6 +271,8 @@ def main(argv=None):
         t0 = time.time()
         try:
             m = maps.map_scene(logits_of, meta, path, out / stem, bands, show, args.suggest > 0)
+        except WriteError:  # a full disk: the other maps cannot be written either
+            raise
         except (DataError, MemoryError) as e:  # one line for this input; the others are still mapped
             print(f"skipped: {e if isinstance(e, DataError) else f'{path}: not enough memory to map it'}")
             failed.append(path)
@@ -280,14 +284,14 @@ def main(argv=None):
             suggested += [(name, x, y, int(m["pred"][y, x]), float(m["margin"][y, x]))
                           for x, y in suggest_clicks(m["margin"], args.suggest)]
         (h, w), dt = m["pred"].shape, time.time() - t0
-        written = ", ".join(map(str, m["written"]))
-        print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s  -> {written}")
+        outputs = ", ".join(map(str, m["written"]))
+        print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s  -> {outputs}")
     if areas:
-        with open(out / "areas.csv", "w", newline="") as f:
+        with written(out / "areas.csv") as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *areas])
     if suggested:
-        written = clicks.write_suggestions(out, suggested, meta["classes"], geos)
-        print(f"{len(suggested)} suggested clicks -> {', '.join(map(str, written))} (fill in 'class')")
+        paths = clicks.write_suggestions(out, suggested, meta["classes"], geos)
+        print(f"{len(suggested)} suggested clicks -> {', '.join(map(str, paths))} (fill in 'class')")
     if failed:
         print(f"{len(failed)} of the inputs could not be read: " + ", ".join(map(str, failed)))
         return 1

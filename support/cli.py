@@ -12,6 +12,10 @@ class DataError(Exception):
     """A problem with the user's data or arguments: reported in one line, never a traceback."""
 
 
+class WriteError(DataError):
+    """An output that cannot be written (a full disk, say): one line, and the command stops there."""
+
+
 def command_line(main, argv=None):
     """Run a script's main(argv) as a command -> exit code: what main returns if it is a number,
     else 0; 2 with one line on stderr for bad input (a DataError); 130 for Ctrl-C."""
@@ -65,7 +69,7 @@ def written(path):
         os.replace(tmp, path)
     except OSError as e:
         free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.is_dir() else 0
-        raise DataError(f"{path}: cannot be written ({e.strerror or e}; {free:,.0f} MB free there)")
+        raise WriteError(f"{path}: cannot be written ({e.strerror or e}; {free:,.0f} MB free there)")
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -370,8 +370,8 @@ def write_suggestions(folder, rows, class_names, geos):
     fill in, with the model's guess beside it as `hint`: --point-labels skips clicks without one.
     """
     folder = Path(folder)
-    written = [folder / "suggestions.csv"]
-    with open(written[0], "w", newline="") as f:
+    paths = [folder / "suggestions.csv"]
+    with written(paths[0]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class", "hint", "margin"])
         w.writerows([image, x, y, "", class_names[c], f"{m:.4f}"] for image, x, y, c, m in rows)
@@ -388,6 +388,7 @@ def write_suggestions(folder, rows, class_names, geos):
         codes = {georef.epsg(g) for g in geos.values() if g} - {None}
         if len(codes) == 1:
             doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes.pop()}"}}
-        written.append(folder / "suggestions.geojson")
-        written[-1].write_text(json.dumps(doc, indent=1))
-    return written
+        paths.append(folder / "suggestions.geojson")
+        with written(paths[-1]) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1))
+    return paths

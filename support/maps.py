@@ -14,7 +14,7 @@ from PIL import Image, TiffImagePlugin
 
 from support import IGNORE, clicks, scene
 from support.bands import display, model_input
-from support.cli import DataError, check_writable
+from support.cli import DataError, check_writable, written
 
 BLOCK = 4096  # largest side of the blocks a scene is mapped in: a 4096 x 4096 block's logits take 400 MB
 HALO = 64  # pixels of context around a block, mapped with it and then cut off
@@ -22,6 +22,7 @@ HALO = 64  # pixels of context around a block, mapped with it and then cut off
 # what predict.py writes in --out: a folder that holds any of these is not written over by chance
 OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
            "*_overlay.jpg", "*_compare.png"]
+ASSESSMENT = ["sample.csv", "sample.geojson", "strata.json", "accuracy.json"]  # assess.py's, of those maps
 
 
 def blocks(size, block):
@@ -99,6 +100,10 @@ def check_out(out, overwrite, suggest):
         some = ", ".join(held[:3]) + ", ..." * (len(held) > 3)
         raise DataError(f"--out {out}: already holds maps ({some}); --overwrite writes over them, or choose "
                         "another folder")
+    sample = [name for name in ASSESSMENT if (out / name).exists()]
+    if sample:
+        raise DataError(f"--out {out}: holds an accuracy sample of its maps ({', '.join(sample)}), which new "
+                        "maps would not match: move it away, or choose another --out")
     for name in ("suggestions.csv", "suggestions.geojson") if suggest else ():
         filled = clicks.filled_in(out / name)
         if filled:
@@ -115,19 +120,23 @@ def write_mask(mask, stem, geo):
         for tag, (kind, value) in geo["tags"].items():
             info[tag], info.tagtype[tag] = value, kind
         path = Path(f"{stem}_mask.tif")
-        mask.save(path, tiffinfo=info, compression="tiff_deflate")
+        with written(path) as tmp:
+            mask.save(tmp, tiffinfo=info, compression="tiff_deflate")
         return path
     path = Path(f"{stem}_mask.png")
-    mask.save(path)
+    with written(path) as tmp:
+        mask.save(tmp)
     write_world(path, ".pgw", geo)
     return path
 
 
 def write_world(path, suffix, geo):
     if geo:
-        path.with_suffix(suffix).write_text("".join(f"{v!r}\n" for v in geo["world"]))
+        with written(path.with_suffix(suffix)) as tmp:
+            tmp.write_text("".join(f"{v!r}\n" for v in geo["world"]))
         if geo["prj"]:
-            shutil.copyfile(geo["prj"], path.with_suffix(".prj"))
+            with written(path.with_suffix(".prj")) as tmp:
+                shutil.copyfile(geo["prj"], tmp)
 
 
 def write_overlay(rgb, pred, colours, stem, geo):
@@ -141,7 +150,8 @@ def write_overlay(rgb, pred, colours, stem, geo):
         blend = strip // 2 + palette[classes] // 2
         overlay[y : y + 256] = np.where((classes == IGNORE)[..., None], strip, blend)  # no data: as it is
     path = Path(f"{stem}_overlay.jpg")
-    Image.fromarray(overlay).save(path, quality=90)
+    with written(path) as tmp:
+        Image.fromarray(overlay).save(tmp, quality=90)
     write_world(path, ".jgw", geo)
     return path
 

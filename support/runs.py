@@ -19,7 +19,8 @@ from support.speed import pick_device
 HERE = Path(__file__).parent.parent  # the project folder
 KAGGLE = HERE / "data" / "Semantic segmentation dataset"  # where the README says to unzip it
 SYNTHETIC = HERE / "data" / "synthetic"
-OUTPUTS = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv", "points.jpg"]  # what a run writes
+# what a run writes in its folder
+OUTPUTS = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv", "points.jpg"]
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
 SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_width", "points", "train_tiles",
                   "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",

@@ -1,6 +1,7 @@
 """Maps on disk: masks (GeoTIFF or PNG and world file), overlays, areas, huge scenes, predict.py's flags."""
 import copy
 import csv
+import errno
 import json
 import math
 import re
@@ -207,3 +208,32 @@ def test_predict_never_writes_over_maps_nor_over_filled_in_suggestions(tiny_run,
     assert command_line(predict.main, args + ["--overwrite"]) == 2  # whatever the flag says
     assert predict.main(args[:-2] + ["--overwrite"]) == 0  # maps written over, the suggestions left alone
     assert (out / "suggestions.csv").read_bytes() == filled
+
+
+def test_a_full_disk_leaves_no_part_of_a_map_and_an_old_sample_is_not_left_beside_new_maps(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    image = np.random.default_rng(0).integers(0, 256, (60, 70, 3)).astype(np.uint8)
+    for name in "ab":
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    out = tmp_path / "maps"
+    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out",
+            str(out), "--precision", "fp32"]
+    save = Image.Image.save
+
+    def full(picture, fp, *a, **k):  # the disk fills up while the first overlay is written
+        if "overlay" in str(fp):
+            Path(fp).write_bytes(b"\xff\xd8 half a JPEG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(picture, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    assert command_line(predict.main, args) == 2
+    said = capsys.readouterr()
+    assert re.search(r"error: \S+a_overlay.jpg: cannot be written \(No space left on device; [\d,]+ MB free "
+                     r"there\)\n$", said.err) and "skipped" not in said.out  # one line, and the command stops
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png"]  # whole files only: no overlay, no areas
+    monkeypatch.undo()
+    assert predict.main(args + ["--overwrite"]) == 0
+    (out / "sample.csv").write_text("image,x,y,class,sample\n")  # assess.py's sample of these maps
+    assert command_line(predict.main, args + ["--overwrite"]) == 2
+    assert "holds an accuracy sample of its maps (sample.csv)" in capsys.readouterr().err
