@@ -30,9 +30,11 @@ import numpy as np
 from PIL import Image
 
 from support import IGNORE, georef, scene
-from support.cli import DataError, command_line
+from support.cli import DataError, command_line, written
+from support.clicks import read_table, text_cell
 
 Z95 = 1.96  # a 95% interval is the estimate +- 1.96 standard errors
+UNSURE = "?"  # the class of a sample point the person cannot tell: left out of the estimate, and reported
 STRIP = 256  # rows of a mask looked at together: a big mask is counted and searched strip by strip
 
 
@@ -45,8 +47,10 @@ def stratified(counts, mapped):
     ni = n.sum(1)  # (C,) points per stratum, n_i.
     W = N / N.sum()
     q = np.divide(n, ni[:, None], out=np.zeros_like(n), where=ni[:, None] > 0)  # n_ij / n_i.
-    # q_ij (1 - q_ij) / (n_i. - 1): the variance of the share q_ij, the term of eqs. 5, 6, 7 and 10
-    var = np.divide(q * (1 - q), ni[:, None] - 1, out=np.zeros_like(n), where=ni[:, None] > 1)
+    # q_ij (1 - q_ij) / (n_i. - 1): the variance of the share q_ij, the term of eqs. 5, 6, 7 and 10; 0 for a
+    # stratum sampled whole (a class mapped on a few pixels, every one labelled): nothing is left to chance
+    sampled = (ni > 1) & (ni < N)
+    var = np.divide(q * (1 - q), ni[:, None] - 1, out=np.zeros_like(n), where=sampled[:, None])
     p = W[:, None] * q  # eq. 4
     with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: no point, or a class nobody found
         users, producers = np.diag(p) / p.sum(1), np.diag(p) / p.sum(0)  # eqs. 2, 3
@@ -92,13 +96,12 @@ def read_areas(maps):
     """MAPS/areas.csv -> (class names, [(image, mask name, pixels per class, hectares per class or None)])."""
     path = Path(maps) / "areas.csv"
     images = {}  # (image, mask) -> [(class, pixels, hectares or None)]
-    try:
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                row = (r["class"], int(r["pixels"]), float(r["hectares"]) if r["hectares"] else None)
-                images.setdefault((r["image"], r["mask"]), []).append(row)
-    except FileNotFoundError:
+    if not path.exists():
         raise DataError(f"{path}: not found (map images with predict.py --out {maps} first)")
+    try:
+        for r in read_table(path)[0]:
+            row = (r["class"], int(r["pixels"]), float(r["hectares"]) if r["hectares"] else None)
+            images.setdefault((r["image"], r["mask"]), []).append(row)
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{path}: expected the columns image,class,pixels,share,hectares,mask of predict.py")
     out = []
@@ -168,22 +171,23 @@ def sample(args):
     out = maps / "sample.csv"
     n = allocate(pixels, args.size, args.min_per_class)
     points = draw(maps, images, n, np.random.default_rng(args.seed))
-    with open(out, "w", newline="") as f:  # the mapped class is not in it: a person labels blind
+    with written(out) as tmp, open(tmp, "w", newline="") as f:  # no mapped class in it: a person labels blind
         csv.writer(f).writerows([("image", "x", "y", "class", "sample")] +
-                                [(im, x, y, "", k) for k, (im, x, y) in enumerate(points, 1)])
-    written = [out, write_geojson(maps, images, points)]
+                                [(text_cell(im), x, y, "", k) for k, (im, x, y) in enumerate(points, 1)])
+    files = [out, write_geojson(maps, images, points)]
     ha = hectares_per_pixel(images)
     strata = {"seed": args.seed, "size": args.size, "min_per_class": args.min_per_class, "classes": classes,
               "pixels": pixels.tolist(), "hectares": None if ha is None else (pixels * ha).tolist(),
               "hectares_per_pixel": ha, "points": n.tolist(),
               "masks": [{"image": im, "mask": m, "pixels": px} for im, m, px, _ in images],
               "sample": [list(p) for p in points]}  # sample k is the (k-1)-th: image, x, y
-    (maps / "strata.json").write_text(json.dumps(strata, indent=1))
+    with written(maps / "strata.json") as tmp:
+        tmp.write_text(json.dumps(strata, indent=1))
     print(f"{'class':<24}{'pixels mapped':>15}{'hectares':>12}{'points':>8}   (seed {args.seed})")
     for c, name in enumerate(classes):
         print(f"{name:<24}{pixels[c]:>15}{'' if ha is None else f'{pixels[c] * ha:.2f}':>12}{n[c]:>8}")
-    written = ", ".join(str(p) for p in written + [maps / "strata.json"] if p)
-    print(f"{len(points)} points -> {written}: fill in 'class' (names as in areas.csv), then "
+    files = ", ".join(str(p) for p in files + [maps / "strata.json"] if p)
+    print(f"{len(points)} points -> {files}: fill in 'class' (names as in areas.csv), then "
           f"python assess.py estimate {maps}")
     return 0
 
@@ -201,7 +205,8 @@ def write_geojson(maps, images, points):
     codes = {georef.epsg(g) for g in geos.values() if g} - {None}
     if len(codes) == 1:  # as clicks.write_suggestions names it
         doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes.pop()}"}}
-    (Path(maps) / "sample.geojson").write_text(json.dumps(doc, indent=1))
+    with written(Path(maps) / "sample.geojson") as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
     return Path(maps) / "sample.geojson"
 
 
@@ -214,9 +219,8 @@ def read_labels(paths):
             if path.suffix.lower() in (".geojson", ".json"):
                 records = [f["properties"] for f in json.loads(path.read_text())["features"]]
                 wheres = [f"{path}: feature {k}" for k in range(len(records))]
-            else:
-                with open(path, newline="") as f:
-                    records = list(csv.DictReader(f))
+            else:  # as a spreadsheet saved it, too
+                records = read_table(path)[0]
                 wheres = [f"{path}:{line}" for line in range(2, len(records) + 2)]
         except FileNotFoundError:
             raise DataError(f"{path}: not found")
@@ -249,8 +253,9 @@ def estimate(args):
             raise DataError(f"{where}: sample {k} is {'twice' if k in seen else 'not in ' + str(path)}")
         if image not in {m["image"] for m in masks}:
             raise DataError(f"{where}: image {image!r} is not one of the masks of {path}")
-        if label and label not in index:
-            raise DataError(f"{where}: class {label!r} is not a class of the map ({', '.join(classes)})")
+        if label and label != UNSURE and label not in index:
+            raise DataError(f"{where}: class {label!r} is not a class of the map ({', '.join(classes)}), nor "
+                            f"{UNSURE} (a point the person cannot tell)")
         seen.add(k)
     unlabelled = len(drawn) - sum(bool(r[5]) for r in rows)
     if unlabelled:
@@ -261,14 +266,18 @@ def estimate(args):
         if [image, x, y] != drawn[k - 1]:
             raise DataError(f"{where}: sample {k} is {image} ({x}, {y}), but {drawn[k - 1][0]} "
                             f"({drawn[k - 1][1]}, {drawn[k - 1][2]}) in {path}")
-    counts = np.zeros((len(classes), len(classes)), np.int64)
-    np.add.at(counts, (mapped, [index[r[5]] for r in rows]), 1)
+    told = [r[5] != UNSURE for r in rows]  # the points the person could not tell stay out, and are reported
+    counts, unsure = np.zeros((len(classes), len(classes)), np.int64), np.zeros(len(classes), np.int64)
+    np.add.at(counts, (mapped[told], [index[r[5]] for r, t in zip(rows, told) if t]), 1)
+    np.add.at(unsure, mapped[~np.array(told)], 1)
     pixels = np.asarray(strata["pixels"])
-    few = ", ".join(f"{name} {n}" for name, n, N in zip(classes, counts.sum(1), pixels) if N and n < 2)
+    few = [f"{name} {n}" for name, n, N in zip(classes, counts.sum(1), pixels) if 0 < N and n < min(N, 2)]
     if few:
-        raise DataError(f"{path}: a stratum needs 2 points or more for a variance; points of {few}")
-    result = report(stratified(counts, pixels), counts, strata, files)
-    (maps / "accuracy.json").write_text(json.dumps(result, indent=1))
+        raise DataError(f"{path}: a stratum needs 2 points or more for a variance (or all its pixels); "
+                        f"points of {', '.join(few)}")
+    result = report(stratified(counts, pixels), counts, unsure, strata, files)
+    with written(maps / "accuracy.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print_report(result)
     print(f"-> {maps / 'accuracy.json'}")
     return 0
@@ -289,15 +298,18 @@ def lookup(maps, masks, rows):
 
 
 def interval(estimate, se, scale=1.0):
-    """-> {estimate, se, ci95: [low, high]}, times `scale`; None where there is nothing to tell."""
+    """-> {estimate, se, ci95: [low, high]}, times `scale`; None where there is nothing to tell. A share
+    lies between 0 and 1 (an area between 0 and the map's): its interval is cut there."""
     e, s = float(estimate * scale), float(se * scale)
-    return {"estimate": e, "se": s, "ci95": [e - Z95 * s, e + Z95 * s]} if np.isfinite(e) else None
+    ci = [max(e - Z95 * s, 0.0), min(e + Z95 * s, scale)]
+    return {"estimate": e, "se": s, "ci95": ci} if np.isfinite(e) else None
 
 
-def report(r, counts, strata, files):
+def report(r, counts, unsure, strata, files):
     """The estimates -> the dict written to accuracy.json; areas in hectares, or in pixels if unknown."""
     ha, pixels = strata["hectares_per_pixel"], strata["pixels"]
     classes = {name: {"mapped_area": pixels[c] * (ha or 1), "points": int(counts[c].sum()),
+                      "points_unsure": int(unsure[c]),
                       "estimated_area": interval(r["area"][c], r["area_se"][c], sum(pixels) * (ha or 1)),
                       "users_accuracy": interval(r["users"][c], r["users_se"][c]),
                       "producers_accuracy": interval(r["producers"][c], r["producers_se"][c])}
@@ -311,19 +323,28 @@ def report(r, counts, strata, files):
 
 
 def print_report(result):
-    def pm(v, digits):
-        return "-" if v is None else f"{v['estimate']:.{digits}f} +- {Z95 * v['se']:.{digits}f}"
+    def ci(v, digits):
+        if v is None:
+            return "-"
+        (low, high), d = v["ci95"], digits
+        return f"{v['estimate']:.{d}f} ({low:.{d}f}-{high:.{d}f})"
 
     unit, digits = result["unit"], 2 if result["unit"] == "hectares" else 0
-    print(f"{result['points']} labelled points, seed {result['seed']}; +- is the 95% interval (1.96 SE)")
-    print(f"{'class':<22}{'mapped ' + unit:>16}{'estimated ' + unit + ' (error-adjusted)':>36}"
-          f"{'user accuracy':>16}{'producer accuracy':>20}")
+    print(f"{result['points']} labelled points, seed {result['seed']}; each estimate with its 95% interval")
+    print(f"{'class':<22}{'mapped ' + unit:>16}{'estimated ' + unit + ' (error-adjusted)':>40}"
+          f"{'user accuracy':>22}{'producer accuracy':>22}")
     for name, c in result["classes"].items():
-        print(f"{name:<22}{c['mapped_area']:>16.{digits}f}{pm(c['estimated_area'], digits):>36}"
-              f"{pm(c['users_accuracy'], 3):>16}{pm(c['producers_accuracy'], 3):>20}")
-    print(f"overall accuracy {pm(result['overall_accuracy'], 3)}")
+        print(f"{name:<22}{c['mapped_area']:>16.{digits}f}{ci(c['estimated_area'], digits):>40}"
+              f"{ci(c['users_accuracy'], 3):>22}{ci(c['producers_accuracy'], 3):>22}")
+    print(f"overall accuracy {ci(result['overall_accuracy'], 3)}")
+    unsure = [f"{n} {c['points_unsure']}" for n, c in result["classes"].items() if c["points_unsure"]]
+    if unsure:
+        print(f"points the person could not tell ({UNSURE}), left out of the estimate, by map class: "
+              f"{', '.join(unsure)}")
+    names = list(result["classes"])
     print("error matrix in area proportions (rows: map class, columns: reference class):")
-    for name, row in zip(result["classes"], result["error_matrix"]["area_proportions"]):
+    print(" " * 22 + "".join(f"{n[:8]:>9}" for n in names))
+    for name, row in zip(names, result["error_matrix"]["area_proportions"]):
         print(f"  {name:<20}" + "".join(f"{v:>9.4f}" for v in row))
 
 

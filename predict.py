@@ -22,6 +22,7 @@ import torch
 from data import IGNORE
 from model import load_checkpoint
 from support import clicks, layout, maps, scene
+from support.clicks import text_cell
 from support.bands import display, model_input, to_input
 from support.cli import DataError, WriteError, band_list, command_line, tile_list, written
 from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device, pick_dtype
@@ -277,7 +278,8 @@ def main(argv=None):
             print(f"skipped: {e if isinstance(e, DataError) else f'{path}: not enough memory to map it'}")
             failed.append(path)
             continue
-        areas += [(path, *row, m["written"][0].name) for row in m["areas"]]  # and the mask it counts
+        areas += [(text_cell(path), text_cell(name), *row, text_cell(m["written"][0].name))  # and its mask
+                  for name, *row in m["areas"]]
         if args.suggest:
             name = path.as_posix()
             geos[name] = m["geo"]

@@ -94,7 +94,24 @@ def read_table(path):
     sep = separator(text)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
     reader.fieldnames = [f.strip().lower() for f in reader.fieldnames or []]
-    return list(reader), sep
+    return [{k: as_written(v) for k, v in r.items()} for r in reader], sep
+
+
+FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes as the start of a formula
+
+
+def text_cell(value):
+    """A text cell (an image or class name) as a CSV must hold it for spreadsheets to show it as text: a
+    name that begins like a formula (a class named =HYPERLINK(...)) is written after a single quote, as
+    spreadsheets mark text themselves. read_table takes the quote off again."""
+    value = str(value)
+    return "'" + value if value.startswith(FORMULA) else value
+
+
+def as_written(value):
+    """A cell as read -> the text written, without the quote text_cell puts before a formula's start."""
+    quoted = isinstance(value, str) and value[:1] == "'" and value[1:].startswith(FORMULA)
+    return value[1:] if quoted else value
 
 
 def encoding(raw):
@@ -360,7 +377,7 @@ def write_points(path, points, names):
     with written(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class"])
-        w.writerows([names[i], x, y, c] for i, x, y, c in points)
+        w.writerows([text_cell(names[i]), x, y, c] for i, x, y, c in points)
 
 
 def write_suggestions(folder, rows, class_names, geos):
@@ -374,7 +391,8 @@ def write_suggestions(folder, rows, class_names, geos):
     with written(paths[0]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class", "hint", "margin"])
-        w.writerows([image, x, y, "", class_names[c], f"{m:.4f}"] for image, x, y, c, m in rows)
+        w.writerows([text_cell(image), x, y, "", text_cell(class_names[c]), f"{m:.4f}"]
+                    for image, x, y, c, m in rows)
     features = []
     for image, x, y, c, m in rows:
         if geos.get(image):

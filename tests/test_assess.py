@@ -275,10 +275,12 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     geo["features"][0]["properties"]["class"] = "Water"
     (out / "sample.geojson").write_text(json.dumps(geo))
     refused(sample, "sample.geojson: already holds labelled points")
-    # a class of one pixel cannot have the 2 points its stratum's variance needs
+
+
+def test_a_class_sampled_whole_points_nobody_can_tell_and_intervals_within_their_bounds(tmp_path, capsys):
     out = tmp_path / "one"
     truths = handmade_maps(out)
-    for image, truth in truths.items():
+    for image, truth in truths.items():  # Road mapped on one pixel only
         m = assess.read_mask(out / f"{Path(image).stem}_mask.png").copy()
         m[m == 2] = 1
         if image == "scenes/b.jpg":
@@ -290,6 +292,40 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     with open(out / "areas.csv", "w", newline="") as f:
         csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *rows])
     assert assess.main(["sample", str(out), "--size", "30", "--min-per-class", "10"]) == 0
-    label_sample(out / "sample.csv", truths)
-    refused(["estimate", str(out)], "a stratum needs 2 points or more for a variance; points of Road 1")
     assert json.loads((out / "strata.json").read_text())["hectares"] is None
+    rows = label_sample(out / "sample.csv", truths)
+    assert assess.main(["estimate", str(out)]) == 0  # its one point is the whole stratum: nothing to estimate
+    road = json.loads((out / "accuracy.json").read_text())["classes"]["Road"]
+    assert road["points"] == 1 and road["users_accuracy"] == {"estimate": 1.0, "se": 0.0, "ci95": [1.0, 1.0]}
+    printed = capsys.readouterr().out
+    assert re.search(r"\n {22} +Water +Land +Road\n  Water ", printed)  # the error matrix names its columns
+    # points a person cannot tell: marked ?, left out of the estimate and counted
+    land = [k for k, r in enumerate(rows) if r["class"] == "Land"]
+    for k in land[:2]:
+        edit_sample(out / "sample.csv", k, **{"class": "?"})
+    assert assess.main(["estimate", str(out)]) == 0
+    result = json.loads((out / "accuracy.json").read_text())
+    assert sum(c["points_unsure"] for c in result["classes"].values()) == 2
+    assert result["points"] == len(rows) - 2
+    assert "could not tell (?), left out of the estimate" in capsys.readouterr().out
+    for k in land[2:-1]:  # all but one point of a stratum that is no whole class: no variance to estimate
+        edit_sample(out / "sample.csv", k, **{"class": "?"})
+    assert command_line(assess.main, ["estimate", str(out)]) == 2
+    assert "a stratum needs 2 points or more" in capsys.readouterr().err
+    # an interval is cut at the bounds of what it estimates
+    assert assess.interval(0.945, 0.107 / 1.96)["ci95"] == [pytest.approx(0.838), 1.0]
+    assert assess.interval(0.02, 0.05, scale=100)["ci95"] == [0.0, pytest.approx(11.8)]
+
+
+def test_a_sample_saved_by_a_spreadsheet_is_read(tmp_path):
+    out = tmp_path / "maps"
+    truths = handmade_maps(out)
+    assert assess.main(["sample", str(out), "--size", "60", "--min-per-class", "15"]) == 0
+    label_sample(out / "sample.csv", truths)
+    assert assess.main(["estimate", str(out)]) == 0
+    result = json.loads((out / "accuracy.json").read_text())
+    text = (out / "sample.csv").read_text().replace(",", ";").replace("image;", "Image;")
+    (out / "sample.csv").write_bytes(text.encode("utf-16"))  # Excel's "Unicode text", a ';' between values
+    assert assess.main(["estimate", str(out)]) == 0
+    assert json.loads((out / "accuracy.json").read_text())["classes"] == result["classes"]
+

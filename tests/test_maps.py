@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import assess
 import data
 import predict
 import train
@@ -237,3 +238,20 @@ def test_a_full_disk_leaves_no_part_of_a_map_and_an_old_sample_is_not_left_besid
     (out / "sample.csv").write_text("image,x,y,class,sample\n")  # assess.py's sample of these maps
     assert command_line(predict.main, args + ["--overwrite"]) == 2
     assert "holds an accuracy sample of its maps (sample.csv)" in capsys.readouterr().err
+
+
+def test_names_that_begin_like_a_formula_are_written_as_text(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run[1] / "ckpt.pt", weights_only=True)
+    ckpt["classes"] = ['=HYPERLINK("http://evil.example","x")', "+1", "-land", "@sum", "Vegetation"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    image = np.random.default_rng(0).integers(0, 256, (60, 70, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "=a.png")
+    out = tmp_path / "maps"
+    assert predict.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "=a.png"), "--out", str(out),
+                         "--precision", "fp32", "--suggest", "3"]) == 0
+    for name in ("areas.csv", "suggestions.csv"):
+        cells = [c for row in csv.reader(open(out / name)) for c in row]
+        formulas = [c for c in cells if c and c[0] in "=+@" or c[:1] == "-" and not re.match(r"-[\d.]+$", c)]
+        assert not formulas
+    classes, images = assess.read_areas(out)  # read back as written
+    assert classes == ckpt["classes"] and images[0][0].endswith("=a.png")

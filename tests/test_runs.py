@@ -151,8 +151,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_whole_checkpoint(tiny, tmp_p
     assert command_line(train.main, tiny_args(tiny, run, "--epochs", "2", "--resume")) == 2
     monkeypatch.undo()
     said = capsys.readouterr().err
-    assert re.fullmatch(r"error: \S+ckpt.pt: cannot be written \(write failed; [\d,]+ MB free there\): epoch 2 is "
-                        r"not saved; the last whole checkpoint: \S+ckpt.pt \(after epoch 1\)\n", said)
+    assert re.fullmatch(r"error: \S+ckpt.pt: cannot be written \(write failed; [\d,]+ MB free there\): epoch "
+                        r"2 is not saved; the last whole checkpoint: \S+ckpt.pt \(after epoch 1\)\n", said)
     assert not list(run.glob(".*"))  # no half-written file left on the full disk
     assert torch.load(run / "ckpt.pt", weights_only=True)["epoch"] == 1
 
