@@ -203,4 +203,31 @@ def read_checkpoint(path, mmap=True):
         raise DataError(f"{path}: not a checkpoint of this project ({e.__class__.__name__})")
     if not isinstance(ckpt, dict) or not {"model", "classes", "args"} <= ckpt.keys():
         raise DataError(f"{path}: not a checkpoint of this project (no model, classes or args)")
+    for key, (right, what) in FIELDS.items():
+        if key in ckpt and not right(ckpt[key]):
+            value = str(ckpt[key])[:40]
+            raise DataError(f"{path}: not a checkpoint of this project (its {key} is {value!r}, not {what})")
+    if "colours" in ckpt and len(ckpt["colours"]) != len(ckpt["classes"]):
+        raise DataError(f"{path}: not a checkpoint of this project ({len(ckpt['classes'])} classes, "
+                        f"{len(ckpt['colours'])} colours)")
     return ckpt
+
+
+def numbers(v, kind=(int, float)):
+    return isinstance(v, (list, tuple)) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
+
+
+# what each field of a checkpoint must be: a file edited by hand, or another program's, is one line
+FIELDS = {
+    "classes": (lambda v: isinstance(v, list) and v and all(isinstance(n, str) for n in v), "names"),
+    "colours": (lambda v: isinstance(v, list) and all(numbers(c, int) and len(c) == 3 for c in v),
+                "a list of [red, green, blue]"),
+    "args": (lambda v: isinstance(v, dict), "a dict of settings"),
+    "model": (lambda v: isinstance(v, dict), "a state_dict"),
+    "bands": (lambda v: numbers(v, int) and v, "a list of band numbers"),
+    "show_bands": (lambda v: v is None or numbers(v, int), "a list of band numbers"),
+    "norm": (lambda v: v == "imagenet" or isinstance(v, dict) and numbers(v.get("mean")) and
+             numbers(v.get("std")), "'imagenet' or {mean, std}"),
+    "patch": (lambda v: isinstance(v, int), "a number of pixels"),
+    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+}

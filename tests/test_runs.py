@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import train
@@ -324,3 +326,17 @@ def test_a_resumed_run_must_have_the_classes_and_bands_it_had(mini, tmp_path):
     with pytest.raises(DataError, match="--resume: --bands .* differs"):  # bands: a setting of the run
         train.main(args + ["--resume", "--epochs", "2", "--bands", "1,2"])
     train.main(args + ["--resume", "--epochs", "2"])
+
+
+@pytest.mark.parametrize("key, value", [("colours", "#E2A929,#8429F6"), ("args", ["--epochs", "5"]),
+                                        ("classes", "Water,Land"), ("norm", {"mean": "0"}), ("bands", None)])
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_one_line(tiny_run, tmp_path, key, value, capsys):
+    ckpt = torch.load(tiny_run[1] / "ckpt.pt", weights_only=True)
+    ckpt[key] = value
+    torch.save(ckpt, tmp_path / "edited.pt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    argv = ["--ckpt", str(tmp_path / "edited.pt"), str(image), "--out", str(tmp_path / "maps")]
+    assert command_line(predict.main, argv) == 2
+    assert re.fullmatch(rf"error: \S+edited.pt: not a checkpoint of this project \(its {key} is .*\)\n",
+                        capsys.readouterr().err)
