@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from support import IGNORE, georef, scene
+from support import IGNORE, rasters
 from support.cli import DataError, command_line, written
-from support.clicks import read_table, text_cell
+from support.clicks import read_table, text_cell, write_points_geojson
 
 Z95 = 1.96  # a 95% interval is the estimate +- 1.96 standard errors
 UNSURE = "?"  # the class of a sample point the person cannot tell: left out of the estimate, and reported
@@ -193,21 +193,11 @@ def sample(args):
 
 
 def write_geojson(maps, images, points):
-    """The points in map coordinates, for the scenes whose mask is georeferenced -> path, or None."""
-    geos = {im: scene.image_info(Path(maps) / m)[1] for im, m, _, _ in images}
-    features = [{"type": "Feature", "geometry": {"type": "Point",
-                 "coordinates": list(georef.pixel_to_map(geos[im]["world"], x, y))},
-                 "properties": {"image": im, "x": x, "y": y, "class": "", "sample": k}}
-                for k, (im, x, y) in enumerate(points, 1) if geos[im]]
-    if not features:
-        return None
-    doc = {"type": "FeatureCollection", "features": features}
-    codes = {georef.epsg(g) for g in geos.values() if g} - {None}
-    if len(codes) == 1:  # as clicks.write_suggestions names it
-        doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes.pop()}"}}
-    with written(Path(maps) / "sample.geojson") as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-    return Path(maps) / "sample.geojson"
+    """The points in longitude and latitude, for the scenes whose mask is on the map -> path, or None."""
+    geos = {im: rasters.image_info(Path(maps) / m)[1] for im, m, _, _ in images}
+    points = [(im, x, y, {"image": im, "x": x, "y": y, "class": "", "sample": k})
+              for k, (im, x, y) in enumerate(points, 1)]
+    return write_points_geojson(Path(maps) / "sample.geojson", points, geos)
 
 
 def read_labels(paths):

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image, TiffImagePlugin
 
 import train
-from support import layout, synthetic
+from support import layout, rasters, synthetic
 
 HERE = Path(__file__).parent
+needs_gdal = pytest.mark.skipif(rasters.gdal() is None, reason=f"the GIS extra: {rasters.GIS}")
 
 
 # the tests must not depend on how pytest was started: torchrun's variables, if pytest runs under

@@ -25,8 +25,8 @@ from PIL import Image
 
 import predict
 from model import load_checkpoint
-from support import label_guard, layout, maps, scene
-from support.bands import display, model_input
+from support import label_guard, layout, maps, rasters
+from support.bands import display, input_plan, model_input
 from support.cli import DataError, band_list, check_writable, command_line
 from support.label_file import number, read_points, write_back
 from support.speed import fold_batch_norm, fold_upsampling, pick_dtype
@@ -43,7 +43,7 @@ class Labels:
     def __init__(self, root, points, classes, ckpt, suggest, show=None):
         self.root, self.points, self.suggest = Path(root), Path(points), suggest
         self.files = [(n, p) for n, p, _ in layout.find_images(root)]
-        self.info = {n: scene.image_info(p) for n, p in self.files}
+        self.info = {n: rasters.image_info(p) for n, p in self.files}
         self.columns, self.rows, self.how = read_points(self.points, self.info)
         self.blind = "sample" in self.columns
         if self.blind and not self.rows:
@@ -187,7 +187,7 @@ class Labels:
     def shown(self, i):
         """Image i as the page shows it: JPEG bytes, its longest side at most SHOWN."""
         if ("image", i) not in self.cache:
-            s = scene.read_scene(self.files[i][1])
+            s = rasters.read_scene(self.files[i][1])
             picture = Image.fromarray(display(s["samples"], s["valid"], self.show))
             picture.thumbnail((SHOWN, SHOWN))
             self.cache = {("image", i): encoded(picture, "JPEG")}  # one image at a time: scenes can be large
@@ -197,15 +197,16 @@ class Labels:
         """The model's map of image i (PNG bytes, as the page shows it) and its suggested next clicks."""
         if ("map", i) not in self.cache:
             with self.model_lock:  # one map at a time: each takes every core
-                s = scene.read_scene(self.files[i][1])
-                image, norm = model_input(s, self.meta)
-                logits_of = partial(predict.sliding_window, self.model, dtype=self.dtype, norm=norm)
+                s = rasters.read_scene(self.files[i][1])
+                plan = input_plan(s["samples"].shape[2], s["samples"].dtype, self.meta)
+                image = model_input(s["samples"], s["valid"], plan)
+                logits_of = partial(predict.sliding_window, self.model, dtype=self.dtype, norm=plan[1])
                 pred, margin = maps.map_in_blocks(logits_of, image, margin=True)
             if s["valid"] is not None:
                 margin[~s["valid"]] = np.inf
             picture = maps.colourize(pred, self.colours)
             picture.thumbnail((SHOWN, SHOWN), Image.NEAREST)
-            near = predict.suggest_clicks(margin.astype(np.float32), self.suggest)
+            near = predict.suggest_clicks(predict.least_sure(margin), self.suggest)
             hints = [{"x": x, "y": y, "hint": self.names[pred[y, x]]} for x, y in near]
             self.cache[("map", i)] = (encoded(picture, "PNG"), hints)
         return self.cache[("map", i)]

@@ -21,9 +21,9 @@ import torch
 
 from data import IGNORE
 from model import load_checkpoint
-from support import clicks, layout, maps, scene
+from support import clicks, layout, maps, rasters
 from support.clicks import text_cell
-from support.bands import display, model_input, to_input
+from support.bands import display, input_plan, model_input, to_input
 from support.cli import DataError, WriteError, band_list, command_line, tile_list, written
 from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device, pick_dtype
 
@@ -148,29 +148,32 @@ def print_scores(s):
 # ---------------------------------------------------------------------------- where to click next
 
 
-def suggest_clicks(margin, n, spacing=SPACING):
-    """The n pixels where the model is least sure, no two closer than `spacing` -> [(x, y)].
-
-    margin: (H, W), the probability of the best class minus that of the second (inf: no data). Each
-    cell of spacing x spacing pixels offers its least sure pixel; they are taken from the least sure
-    up, skipping any that lies closer than `spacing` to one already taken. Ties (bf16 logits often
-    give two classes the very same value, a margin of 0) are broken at random, not by position.
-    """
+def least_sure(margin, spacing=SPACING):
+    """margin: (H, W), the probability of the best class minus that of the second (inf: no data) -> the
+    least sure pixel of each cell of spacing x spacing pixels: (margins, xs, ys), one per cell. Ties
+    (bf16 logits often give two classes the very same value, a margin of 0) are broken at random."""
     h, w = margin.shape
     gh, gw = math.ceil(h / spacing), math.ceil(w / spacing)
     padded = np.full((gh * spacing, gw * spacing), np.inf, np.float32)
     padded[:h, :w] = margin + np.random.default_rng(0).random((h, w), np.float32) * 1e-6
     cells = padded.reshape(gh, spacing, gw, spacing).transpose(0, 2, 1, 3).reshape(gh * gw, -1)
-    where = cells.argmin(1)  # the least sure pixel of each cell
-    best = cells[np.arange(len(cells)), where]
+    where = cells.argmin(1)  # the least sure pixel of each cell, counted within the cell
+    cell = np.arange(gh * gw)
+    return cells[cell, where], cell % gw * spacing + where % spacing, cell // gw * spacing + where // spacing
+
+
+def suggest_clicks(candidates, n, spacing=SPACING):
+    """The n places where the model is least sure, no two closer than `spacing` -> [(x, y)]. candidates:
+    (margins, xs, ys) of least_sure, taken from the least sure up, skipping any that lies closer than
+    `spacing` to one already taken."""
+    margins, xs, ys = candidates
     taken = []
-    for c in np.argsort(best, kind="stable"):
-        if len(taken) == n or not np.isfinite(best[c]):
+    for c in np.argsort(margins, kind="stable"):
+        if len(taken) == n or not np.isfinite(margins[c]):
             break
-        y = c // gw * spacing + where[c] // spacing
-        x = c % gw * spacing + where[c] % spacing
+        x, y = int(xs[c]), int(ys[c])
         if all((x - tx) ** 2 + (y - ty) ** 2 >= spacing**2 for tx, ty in taken):
-            taken.append((int(x), int(y)))
+            taken.append((x, y))
     return taken
 
 
@@ -179,11 +182,11 @@ def suggest_clicks(margin, n, spacing=SPACING):
 
 def image_files(inputs):
     """Images and folders of images -> list of image paths, each once (folders are not searched
-    recursively)."""
+    recursively; a Sentinel-2 .SAFE folder is one image)."""
     files = []
     for p in map(Path, inputs):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in layout.IMAGE_SUFFIXES)
+        if p.is_dir() and not layout.is_image(p):
+            files += sorted(f for f in p.iterdir() if layout.is_image(f))
         else:
             files.append(p)
     return list({f.resolve(): f for f in files}.values())
@@ -198,12 +201,13 @@ def score_tiles(logits_of, meta, args, out, bands, show):
     conf = 0
     for name, path in layout.tile_files(args.data, tiles):
         t0 = time.time()
-        s = scene.read_scene(path)
-        image, norm = model_input(s, meta, bands)
+        s = rasters.read_scene(path)
+        plan = input_plan(s["samples"].shape[2], s["samples"].dtype, meta, bands)
+        image = model_input(s["samples"], s["valid"], plan)
         mask, _ = layout.read_mask(layout.mask_path(path), colours, image.shape[:2])
         if s["valid"] is not None:
             mask[~s["valid"]] = IGNORE
-        pred, _ = maps.map_in_blocks(partial(logits_of, norm=norm), image)
+        pred, _ = maps.map_in_blocks(partial(logits_of, norm=plan[1]), image)
         conf = conf + confusion(mask, pred, len(names))
         stem = name.replace("/", "_").rsplit(".", 1)[0]
         shown = display(s["samples"], s["valid"], show)
@@ -271,7 +275,8 @@ def main(argv=None):
     for path, stem in zip(files, stems):
         t0 = time.time()
         try:
-            m = maps.map_scene(logits_of, meta, path, out / stem, bands, show, args.suggest > 0)
+            cells = least_sure if args.suggest else None  # where to look for the places to suggest
+            m = maps.map_scene(logits_of, meta, path, out / stem, bands, show, cells)
         except WriteError:  # a full disk: the other maps cannot be written either
             raise
         except (DataError, MemoryError) as e:  # one line for this input; the others are still mapped
@@ -283,11 +288,13 @@ def main(argv=None):
         if args.suggest:
             name = path.as_posix()
             geos[name] = m["geo"]
-            suggested += [(name, x, y, int(m["pred"][y, x]), float(m["margin"][y, x]))
-                          for x, y in suggest_clicks(m["margin"], args.suggest)]
-        (h, w), dt = m["pred"].shape, time.time() - t0
+            margins, xs, ys, classes = (a.tolist() for a in m["candidates"])
+            at = {(x, y): (c, g) for g, x, y, c in zip(margins, xs, ys, classes)}  # class and margin there
+            suggested += [(name, *xy, *at[xy]) for xy in suggest_clicks(m["candidates"][:3], args.suggest)]
+        (w, h), dt = m["size"], time.time() - t0
         outputs = ", ".join(map(str, m["written"]))
-        print(f"{path}  {w}x{h}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s  -> {outputs}")
+        empty = f" (no data: {m['no_data']} pixels)" if m["no_data"] else ""
+        print(f"{path}  {w}x{h}{empty}  {dt:.1f}s  {w * h / 1e6 / dt:.2f} MP/s  -> {outputs}")
     if areas:
         with written(out / "areas.csv") as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *areas])

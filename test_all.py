@@ -18,11 +18,11 @@ from PIL import Image
 import data
 import predict
 import train
-from conftest import COLOURS, classes_json, tile_masks, tiny_args, write_tiff
+from conftest import COLOURS, classes_json, needs_gdal, tile_masks, tiny_args, write_tiff
 from loss import partial_focal_ce
 from model import build_model, load_checkpoint
 from resnet_unet import ResNetUNet
-from support import bands, layout, scene, synthetic
+from support import bands, layout, rasters, synthetic
 from support.bands import to_input
 from support.cli import DataError
 from support.runs import read_checkpoint
@@ -294,6 +294,7 @@ def nir_set(root, size=64, seed=0):
     return root
 
 
+@needs_gdal  # a 4-band 16-bit TIFF
 def test_a_fourth_band_is_learned_where_rgb_alone_cannot_learn_it(tmp_path):
     root = nir_set(tmp_path / "set")
     miou = {}
@@ -303,14 +304,14 @@ def test_a_fourth_band_is_learned_where_rgb_alone_cannot_learn_it(tmp_path):
     assert miou["all"] > 0.55 and miou["rgb"] < 0.45  # 0.720 and 0.331 measured on a 2-core Xeon
     ckpt = torch.load(tmp_path / "all" / "ckpt.pt", weights_only=True)
     assert ckpt["bands"] == [1, 2, 3, 4] and ckpt["model"]["conv1.weight"].shape[1] == 4
-    pixels = np.concatenate([scene.read_scene(p)["samples"].reshape(-1, 4).astype(np.float64)
+    pixels = np.concatenate([rasters.read_scene(p)["samples"].reshape(-1, 4).astype(np.float64)
                              for t in (1, 2) for p in sorted((root / f"Tile {t}" / "images").iterdir())])
     assert np.allclose(ckpt["norm"]["mean"], pixels.mean(0))
     assert np.allclose(ckpt["norm"]["std"], pixels.std(0))
     # a scene of another season, twice as bright: the training images' scale, not its own
-    s = scene.read_scene(root / "Tile 3" / "images" / "s0.tif")
-    brighter = {**s, "samples": s["samples"] * 2}
-    (x1, norm), (x2, _) = bands.model_input(s, ckpt), bands.model_input(brighter, ckpt)
+    s = rasters.read_scene(root / "Tile 3" / "images" / "s0.tif")
+    plan = bands.input_plan(4, s["samples"].dtype, ckpt)
+    (x1, x2), norm = (bands.model_input(x, None, plan) for x in (s["samples"], s["samples"] * 2)), plan[1]
     a, b = bands.to_input(torch.from_numpy(x1[None]), norm), bands.to_input(torch.from_numpy(x2[None]), norm)
     std = torch.tensor(norm["std"]).view(1, 4, 1, 1)
     assert torch.allclose(b - a, torch.from_numpy(x1[None]).permute(0, 3, 1, 2).float() / std, atol=1e-4)
@@ -425,8 +426,10 @@ def test_suggested_clicks_are_the_least_sure_places_and_spread_out():
     margin[10, 10], margin[12, 14], margin[80, 100], margin[50, 60] = 0.1, 0.05, 0.2, 0.3
     margin[90:, :] = np.inf  # no data
     # (10, 10) is less sure than (100, 80) but too near (14, 12)
-    assert predict.suggest_clicks(margin, 3, spacing=32) == [(14, 12), (100, 80), (60, 50)]
-    picked = predict.suggest_clicks(np.random.default_rng(0).random((200, 200)), 30, spacing=20)
+    picked = predict.suggest_clicks(predict.least_sure(margin, 32), 3, spacing=32)
+    assert picked == [(14, 12), (100, 80), (60, 50)]
+    margin = np.random.default_rng(0).random((200, 200))
+    picked = predict.suggest_clicks(predict.least_sure(margin, 20), 30, spacing=20)
     assert len(picked) == 30
     pairs = [(a, b) for k, a in enumerate(picked) for b in picked[:k]]
     assert all((ax - bx) ** 2 + (ay - by) ** 2 >= 400 for (ax, ay), (bx, by) in pairs)

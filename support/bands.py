@@ -36,20 +36,20 @@ def input_norm(images, valids):
     return band_statistics(images, valids)
 
 
-def model_input(s, meta, bands=None):
-    """A scene as scene.read_scene gives it -> (samples as the checkpoint's model takes them: its bands,
-    or `bands` of this scene in their place; no data set to what normalises to 0; the norm for
-    to_input). Checkpoints without a norm were trained on each scene stretched on its own to 8-bit RGB:
-    such a scene is what they are given."""
+def input_plan(n, kind, meta, bands=None):
+    """A scene of n bands of sample type `kind` -> how the checkpoint's model is fed it: (the scene's bands
+    the model takes, counted from 1: its own, or `bands` in their place; the norm for to_input; whether
+    it is given the picture a person sees of those bands instead). Checkpoints without a norm were
+    trained on each scene stretched to 8-bit RGB: such a scene is what they are given. Says once what
+    does not fit."""
     if "norm" not in meta:
         if bands and len(bands) not in (1, 3):
-            raise DataError(f"--bands {','.join(map(str, bands))}: this checkpoint takes 1 band (grey) "
-                            "or 3")
-        return display(s["samples"], s["valid"], bands or meta.get("bands")), "imagenet"
-    n, trained, kind = s["samples"].shape[2], meta["bands"], s["samples"].dtype
+            raise DataError(f"--bands {','.join(map(str, bands))}: this checkpoint takes 1 band (grey) or 3")
+        return bands or meta.get("bands"), "imagenet", True
+    trained = meta["bands"]
     if meta["norm"] == "imagenet" and (kind != np.uint8 or n != 3):  # a model of 8-bit RGB photos sees such
         print(f"{n} band(s) of {kind}: the model's were 8-bit RGB; it is given the picture a person sees")
-        return display(s["samples"], s["valid"], bands or (trained if n >= 3 else None)), "imagenet"
+        return bands or (trained if n >= 3 else None), "imagenet", True
     if meta["norm"] != "imagenet" and kind != np.dtype(meta["dtype"]):  # reflectance as 0-1 or as 0-10000?
         print(f"warning: {kind} samples, the model learnt from {meta['dtype']}: if their units differ, so "
               "does the map")
@@ -60,8 +60,18 @@ def model_input(s, meta, bands=None):
     bands = bands or trained
     if max(bands) > n:
         raise DataError(f"has {n} band(s), the model takes bands {','.join(map(str, bands))}")
-    samples = s["samples"] if bands == list(range(1, n + 1)) else s["samples"][..., [b - 1 for b in bands]]
-    return fill_no_data(samples, s["valid"], no_data_value(meta["norm"])), meta["norm"]
+    return bands, meta["norm"], False
+
+
+def model_input(samples, valid, plan):
+    """A scene's samples (or a window of them) and where they hold data -> the samples as the model takes
+    them: input_plan's bands, no data set to what normalises to 0; or the picture a person sees."""
+    bands, norm, picture = plan
+    if picture:
+        return display(samples, valid, bands)
+    n = samples.shape[2]
+    picked = samples if bands == list(range(1, n + 1)) else samples[..., [b - 1 for b in bands]]
+    return fill_no_data(picked, valid, no_data_value(norm))
 
 
 def no_data_value(norm):

@@ -9,16 +9,17 @@ import io
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from support import georef, shapes
+from support import rasters, shapes
+from support.rasters import LONLAT
 from support.cli import DataError, written
 
 CLASS_FIELDS = ["class", "class_name", "label", "class_id"]  # where a click's class is looked for
 DRAWN = ["stroke", "polygon"]  # CSV columns whose values tie consecutive rows into one line or ring
-LONLAT = "EPSG:4326"  # GPS longitude and latitude on WGS 84, as RFC 7946 GeoJSON and lon,lat columns hold
 
 
 def read_clicks(paths, info, class_names=None, field=None, crs=None, line_width=3):
@@ -191,12 +192,13 @@ def image_finder(info):
     longer (an absolute path) or shorter (a file name), as long as it names one image."""
     suffixes = {}
     for name in info:
-        parts = PurePosixPath(name).parts
+        parts = PurePosixPath(unicodedata.normalize("NFC", name)).parts
         for k in range(1, len(parts) + 1):
             suffixes.setdefault("/".join(parts[-k:]), []).append(name)
 
     def find(written, where):
-        parts = PurePosixPath(str(written).replace("\\", "/")).parts
+        # any Unicode form: macOS's file system keeps names decomposed (NFD), spreadsheets write them composed
+        parts = PurePosixPath(unicodedata.normalize("NFC", str(written)).replace("\\", "/")).parts
         for k in range(len(parts), 0, -1):
             names = suffixes.get("/".join(parts[-k:]), [])
             if len(names) == 1:
@@ -276,15 +278,21 @@ def georeferenced(info, path):
     placed = {n: (size, geo) for n, (size, geo) in info.items() if geo}
     if not placed:
         raise DataError(f"{path}: labels in map coordinates, but no image of the data set is georeferenced "
-                        "(GeoTIFF tags, a world file or an .aux.xml)")
+                        f"(a world file, or through GDAL a GeoTIFF or any raster it places: {rasters.GIS})")
     return placed
 
 
 def onto(geo, crs, xy, path):
-    """Map positions in `crs` -> the same in the image's system, where it is known and differs."""
-    if crs is not None and geo["crs"] is not None and crs != geo["crs"]:  # an image of unknown system
-        return transform(crs, geo["crs"], xy, path)  # (a world file alone) is taken to be in the labels'
-    return xy
+    """Map positions in `crs` (None: the images' own) -> the same in the image's system. An image whose
+    system is not known (a world file alone) is taken to be in the labels' system."""
+    if crs is None or geo["crs"] is None and rasters.gdal() is not None:
+        return xy
+    if geo["crs"] is None:  # without GDAL no image's system is known
+        raise DataError(f"{path}: its positions are in {crs}: placing them on the images needs the GIS extra "
+                        f"(GDAL and PROJ): {rasters.GIS}")
+    if rasters.same_crs(crs, geo["crs"]):
+        return xy
+    return list(zip(*rasters.reproject(crs, geo["crs"], [p[0] for p in xy], [p[1] for p in xy], path)))
 
 
 def place(points, info, crs, path):
@@ -317,7 +325,7 @@ def place_shapes(drawn, info, crs, path, line_width):
     for name, (size, geo) in georeferenced(info, path).items() if drawn else []:
         def move(xy):  # (N, 2) map positions -> (N, 2) columns and rows of this image
             xy = np.array(onto(geo, crs, xy, path), float)
-            return np.stack(georef.map_to_pixel(geo["world"], xy[:, 0], xy[:, 1]), axis=1)
+            return np.stack(rasters.map_to_pixel(geo["world"], xy[:, 0], xy[:, 1]), axis=1)
         on_image = iter(shapes.moved(pieces, move))
         for where, kind, parts, value in drawn:
             cols, rws = shapes.pixels(kind, [next(on_image) for _ in parts], size, line_width)
@@ -329,25 +337,10 @@ def place_shapes(drawn, info, crs, path, line_width):
     return rows
 
 
-def transform(source, target, xy, path):
-    """Points from one coordinate system to another, with pyproj, the field's library for it."""
-    try:
-        import pyproj
-    except ImportError:
-        raise DataError(f"{path}: its points are in {source}, the images in another system: moving them "
-                        "needs pyproj (pip install pyproj)")
-    try:
-        t = pyproj.Transformer.from_crs(source, target, always_xy=True)  # x = longitude or easting
-        xs, ys = t.transform([p[0] for p in xy], [p[1] for p in xy])
-    except pyproj.exceptions.ProjError as e:  # CRSError too
-        raise DataError(f"{path}: cannot move its points from {source} onto the images ({e})")
-    return list(zip(xs, ys))
-
-
 def locate(placed, x, y):
     """Map point -> (image name, column, row) of the first image whose pixels hold it, or None."""
     for name, (w, h), world in placed:
-        col, row = georef.map_to_pixel(world, x, y)
+        col, row = rasters.map_to_pixel(world, x, y)
         if not (math.isfinite(col) and math.isfinite(row)):
             continue
         i, j = math.floor(col + 0.5), math.floor(row + 0.5)  # pixel i spans i - 0.5 .. i + 0.5
@@ -393,20 +386,33 @@ def write_suggestions(folder, rows, class_names, geos):
         w.writerow(["image", "x", "y", "class", "hint", "margin"])
         w.writerows([text_cell(image), x, y, "", text_cell(class_names[c]), f"{m:.4f}"]
                     for image, x, y, c, m in rows)
-    features = []
-    for image, x, y, c, m in rows:
-        if geos.get(image):
-            mx, my = georef.pixel_to_map(geos[image]["world"], x, y)
-            properties = {"image": image, "x": x, "y": y, "class": "", "hint": class_names[c],
-                          "margin": round(m, 4)}
-            features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [mx, my]},
-                             "properties": properties})
-    if features:
-        doc = {"type": "FeatureCollection", "features": features}
-        codes = {georef.epsg(g) for g in geos.values() if g} - {None}
-        if len(codes) == 1:
-            doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes.pop()}"}}
-        paths.append(folder / "suggestions.geojson")
-        with written(paths[-1]) as tmp:
-            tmp.write_text(json.dumps(doc, indent=1))
-    return paths
+    points = [(image, x, y, {"image": image, "x": x, "y": y, "class": "", "hint": class_names[c],
+                              "margin": round(m, 4)}) for image, x, y, c, m in rows]
+    path = write_points_geojson(folder / "suggestions.geojson", points, geos)
+    return paths + [path] * (path is not None)
+
+
+def write_points_geojson(path, points, geos):
+    """[(image, x, y, properties)] -> a GeoJSON of the points as RFC 7946 wants it, longitude and latitude
+    on WGS 84 with no crs member, so that any mix of scenes and systems lands right in QGIS; the points of
+    images whose system is not known (none is without GDAL) are left out, in one line. -> path, or None
+    where no point could be placed."""
+    features, left = [], []
+    for image in dict.fromkeys(p[0] for p in points):  # each image once, in order
+        mine, geo = [p for p in points if p[0] == image], geos.get(image)
+        if not geo or not geo["crs"] or rasters.gdal() is None:
+            left.append(str(image))
+            continue
+        xs, ys = zip(*(rasters.pixel_to_map(geo["world"], x, y) for _, x, y, _ in mine))
+        lons, lats = rasters.reproject(geo["crs"], LONLAT, xs, ys, image)
+        features += [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+                      "properties": properties} for lon, lat, (*_, properties) in zip(lons, lats, mine)]
+    if left:
+        some = ", ".join(left[:5]) + " ..." * (len(left) > 5)
+        print(f"{path.name}: leaves out {some}: no coordinate system known"
+              f"{'' if rasters.gdal() else f' (GIS extra: {rasters.GIS})'}")
+    if not features:
+        return None
+    with written(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}, indent=1))
+    return path

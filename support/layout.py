@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from support import IGNORE, clicks, scene, shapes
+from support import IGNORE, clicks, rasters, shapes
 from support.bands import fill_no_data, input_norm, no_data_value
 from support.cli import DataError, tile_list, written
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# images by their names: Pillow's and GDAL's common formats, JPEG 2000 (Sentinel-2 bands), GDAL's virtual
+# mosaics, ENVI and Erdas files; a Sentinel-2 product's .SAFE folder is one scene
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".vrt", ".img")
 # colours of classes named by the clicks alone (no classes.json): matplotlib's ten, then hues apart
 PALETTE = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
            "#BCBD22", "#17BECF"]
@@ -68,8 +70,8 @@ def find_images(root):
     tiles = list_tiles(root)
     found = [(p, t) for t, paths in tiles.items() for p in paths]
     if not tiles:
-        found = [(p, None) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
-                 and not {"masks"} & set(p.relative_to(root).parts[:-1]) and p.is_file()]
+        found = [(p, None) for p in sorted(root.rglob("*")) if is_image(p)
+                 and not {"masks"} & set(p.relative_to(root).parts[:-1])]
     if not found:
         raise DataError(f"{root}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return [(p.relative_to(root).as_posix(), p, t) for p, t in found]
@@ -80,10 +82,22 @@ def list_tiles(root):
     tiles = {}
     for d in Path(root).glob("Tile */images"):
         number = d.parent.name.split()[-1]
-        images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in d.iterdir() if is_image(p))
         if number.isdigit() and images:
             tiles[int(number)] = images
     return dict(sorted(tiles.items()))
+
+
+def is_image(path):
+    """Whether a path found in a folder is an image: by its name, but not macOS's copies of a file's
+    attributes (._NAME, __MACOSX/) nor the files inside a Sentinel-2 product, which is one image."""
+    parts = Path(path).parts
+    inside_product = any(p.upper().endswith(".SAFE") for p in parts[:-1])
+    if path.name.startswith("._") or "__MACOSX" in parts or inside_product:
+        return False
+    if path.suffix.upper() == ".SAFE":
+        return path.is_dir()
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 def mask_path(image_path):
@@ -94,7 +108,7 @@ def mask_path(image_path):
 def read_image(path, bands=None):
     """-> ((H, W, bands) samples as stored, only `bands` (counted from 1) when given; (H, W) bool of the
     pixels with data, or None). What was found in the file is said in one line."""
-    s = scene.read_scene(path)
+    s = rasters.read_scene(path)
     n = s["samples"].shape[2]
     if bands and max(bands) > n:
         raise DataError(f"{path}: has {n} band(s), --bands asks for band {max(bands)}")
@@ -108,7 +122,7 @@ def read_mask(path, colours, shape):
     One colour per class of classes.json; or, one grey band whose values are all class indices (or 255,
     no label), as LandCover.ai, LoveDA and mmsegmentation store them, unless they are all grey colours of
     classes.json. A mask whose pixels mostly match no class (after its one background colour) is named."""
-    s = scene.read_scene(path)
+    s = rasters.read_scene(path)
     samples, n = s["samples"], len(colours)
     if samples.shape[:2] != shape:
         raise DataError(f"{path}: mask is {samples.shape[1]}x{samples.shape[0]}, its image is "
@@ -242,7 +256,7 @@ def run_data(args, root):
     has_mask = {n for n, p, _ in files if mask_path(p).exists()} if classes else set()
     by_image = {}
     if args.point_labels:
-        info = {n: scene.image_info(p) for n, p, _ in files}
+        info = {n: rasters.image_info(p) for n, p, _ in files}
         known = classes and classes[0]
         by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field,
                                              args.points_crs, args.line_width)

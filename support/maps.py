@@ -1,27 +1,29 @@
-"""Maps of real scenes written to disk: the class mask (a GeoTIFF with the scene's tags, or a PNG and
-its world file), an overlay, the area of each class; scenes of any size mapped block by block; and the
-side-by-side pictures of the maps.
+"""Maps of real scenes written to disk a block at a time, so that a scene of any size is mapped in
+bounded memory: the class mask (a GeoTIFF with the scene's georeference, its no data and the class
+colours and names, or a PNG for a plain picture), an overlay for a person to look at, the area of each
+class, and the places where the model is least sure; and the side-by-side pictures of the maps.
 """
 import math
 import os
-import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, TiffImagePlugin
+from PIL import Image
 
-from support import IGNORE, clicks, scene
-from support.bands import display, model_input
+from support import IGNORE, clicks, rasters
+from support.bands import display, input_plan, model_input
 from support.cli import DataError, check_writable, written
 
 BLOCK = 4096  # largest side of the blocks a scene is mapped in: a 4096 x 4096 block's logits take 400 MB
-HALO = 64  # pixels of context around a block, mapped with it and then cut off
+HALO = 64  # pixels of context around a block, mapped with it and then cut off, as windows overlap
+OVERLAY = 64e6  # most pixels of an overlay: a larger scene's is made at a coarser step, a picture to look at
 
 # what predict.py writes in --out: a folder that holds any of these is not written over by chance
 OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
-           "*_overlay.jpg", "*_compare.png"]
+           "*_overlay.jpg", "*_overlay.tif", "*_compare.png"]
 ASSESSMENT = ["sample.csv", "sample.geojson", "strata.json", "accuracy.json"]  # assess.py's, of those maps
 
 
@@ -33,63 +35,102 @@ def blocks(size, block):
     return [(start, min(start + side, size)) for start in range(0, size, side)]
 
 
-def logits_in_blocks(logits_of, image, block, halo=HALO):
-    """Yield ((rows, columns) of the image, (C, rows, columns) logits) block by block. logits_of(samples)
-    maps an (h, w, bands) piece of the image (predict.sliding_window); each block is given `halo` more
-    pixels on every side where the image has them, for context, and its logits are cut back to the block.
-    An image of one block is mapped whole, as predict.sliding_window maps it; memory grows with the
-    block, not with the image."""
-    h, w = image.shape[:2]
+def logits_in_blocks(logits_of, read, shape, block, halo=HALO):
+    """Yield ((rows, columns), logits (C, rows, columns), samples, valid) block by block.
+    read((row0, row1), (col0, col1)) -> (samples (h, w, bands), valid (h, w) or None) of a window;
+    logits_of(samples, valid) maps it (predict.sliding_window). Each block is mapped with `halo` more
+    pixels on every side where the scene has them, for context, then cut back: a scene of one block is
+    mapped whole, as predict.sliding_window maps it; memory grows with the block, not with the scene."""
+    h, w = shape
     for y0, y1 in blocks(h, block):
         for x0, x1 in blocks(w, block):
             top, left = max(y0 - halo, 0), max(x0 - halo, 0)
-            logits = logits_of(image[top : min(y1 + halo, h), left : min(x1 + halo, w)])
-            yield (slice(y0, y1), slice(x0, x1)), logits[:, y0 - top : y1 - top, x0 - left : x1 - left]
+            samples, valid = read((top, min(y1 + halo, h)), (left, min(x1 + halo, w)))
+            logits = logits_of(samples, valid)
+            inside = slice(y0 - top, y1 - top), slice(x0 - left, x1 - left)
+            yield ((slice(y0, y1), slice(x0, x1)), logits[:, inside[0], inside[1]], samples[inside],
+                   None if valid is None else valid[inside])
 
 
-def map_in_blocks(logits_of, image, margin=False, progress=False):
-    """(H, W, bands) image -> ((H, W) uint8 class map, (H, W) float16 margin between the probabilities of
-    the two best classes, or None). With `progress`, a line after each block of a scene of several."""
+def map_in_blocks(logits_of, image, margin=False):
+    """An (H, W, bands) image in memory, logits_of(samples) -> ((H, W) uint8 class map, (H, W) float32
+    margin between the probabilities of the two best classes, or None)."""
     h, w = image.shape[:2]
-    pred, done, t0 = np.empty((h, w), np.uint8), 0, time.time()
-    gap = np.empty((h, w), np.float16) if margin else None
-    for (rows, cols), logits in logits_in_blocks(logits_of, image, BLOCK):
-        pred[rows, cols] = logits.max(0).indices.to(torch.uint8).cpu().numpy()  # the argmax, faster on a CPU
+    pred, gap = np.empty((h, w), np.uint8), np.empty((h, w), np.float32) if margin else None
+    read = lambda rows, cols: (image[rows[0] : rows[1], cols[0] : cols[1]], None)  # noqa: E731
+    for (rows, cols), logits, _, _ in logits_in_blocks(lambda s, v: logits_of(s), read, (h, w), BLOCK):
+        pred[rows, cols] = classes_of(logits)
         if margin:
-            top2 = logits.softmax(0).topk(2, dim=0).values
-            gap[rows, cols] = (top2[0] - top2[1]).cpu().numpy()
-        del logits  # before the next block is mapped
-        done += (rows.stop - rows.start) * (cols.stop - cols.start)
-        if progress and done < h * w:
-            speed = done / 1e6 / (time.time() - t0)
-            print(f"  {done / (h * w):.0%} of {h * w / 1e6:.1f} MP  {speed:.2f} MP/s  "
-                  f"{(h * w - done) / 1e6 / speed:.0f}s left", flush=True)
+            gap[rows, cols] = margin_of(logits)
     return pred, gap
 
 
-def map_scene(logits_of, meta, path, stem, bands=None, show=None, margin=False):
-    """Map one scene with logits_of(samples, norm=) (predict.sliding_window) and write its mask and overlay
-    (`show`: its bands as red, green, blue) -> dict: pred, margin (or None), geo, areas (rows of
-    class_areas), written (paths)."""
-    s = scene.read_scene(path)
-    if s["note"]:
-        print(f"{path}: {s['note']}")
-    try:
-        image, norm = model_input(s, meta, bands)
-    except DataError as e:
-        raise DataError(f"{path}: {e}")
-    pred, gap = map_in_blocks(lambda samples: logits_of(samples, norm=norm), image, margin, progress=True)
-    del image  # where bands were picked, a copy: gone before the picture is made
-    if s["valid"] is not None:  # no data: no class, black in the mask, left out of the areas
-        pred[~s["valid"]] = IGNORE
-        if gap is not None:
-            gap[~s["valid"]] = np.inf
-    geo = s["geo"]
-    written = [write_mask(colourize(pred, meta["colours"]), stem, geo)]
-    shown = display(s["samples"], s["valid"], show)  # what a person sees of the scene
-    written.append(write_overlay(shown, pred, meta["colours"], stem, geo))
-    areas = class_areas(pred, meta["classes"], geo["pixel_m2"] if geo else None)
-    return {"pred": pred, "margin": gap, "geo": geo, "areas": areas, "written": written}
+def classes_of(logits):
+    return logits.max(0).indices.to(torch.uint8).cpu().numpy()  # the argmax, faster on a CPU
+
+
+def margin_of(logits):
+    """The probability of the best class minus that of the second, per pixel."""
+    top2 = logits.softmax(0).topk(2, dim=0).values
+    return (top2[0] - top2[1]).cpu().numpy()
+
+
+def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=None):
+    """Map one scene from disk block by block, writing its mask as it goes, then its overlay (`show`: the
+    bands a person sees as red, green, blue). logits_of(samples, norm=) -> logits: predict.sliding_window;
+    least_sure(margin) -> (margins, xs, ys) of each cell (predict.least_sure), where suggestions are
+    wanted. -> dict: size (w, h), geo, areas (rows of area_rows), no_data (pixels), candidates ((margins,
+    xs, ys, classes) or None), written (paths: the mask first)."""
+    with rasters.opened(path) as scene:
+        h, w, n = scene["shape"]
+        if scene["note"]:
+            print(f"{path}: {scene['note']}")
+        try:
+            plan = input_plan(n, scene["dtype"], meta, bands)
+        except DataError as e:
+            raise DataError(f"{path}: {e}")
+        geo, names, colours = scene["geo"], meta["classes"], meta["colours"]
+        step = max(1, math.ceil(math.sqrt(h * w / OVERLAY)))  # the overlay's: every step-th row and column
+        small = {"samples": [], "pred": [], "valid": []}  # the overlay's, block by block
+        counts, m2, found, empty = np.zeros(len(names), np.int64), np.zeros(len(names)), [], 0
+        shown = show or ([1, 2, 3] if n >= 3 else [1])
+        if max(shown) > n:
+            raise DataError(f"{path}: --show-bands {','.join(map(str, shown))}: the scene has {n} band(s)")
+
+        def logits(samples, valid):
+            return logits_of(model_input(samples, valid, plan), norm=plan[1])
+
+        with mask_file(stem, (h, w), geo, names, colours) as (write, mask_path):
+            done, t0 = 0, time.time()
+            for (rows, cols), block, samples, valid in logits_in_blocks(logits, scene["read"], (h, w), BLOCK):
+                pred = classes_of(block)
+                if valid is not None:  # no data: no class, black in the mask, left out of the areas
+                    pred[~valid] = IGNORE
+                write(rows, cols, pred)
+                c, a = count_classes(pred, len(names), rows_area(geo, rows))
+                counts, m2, empty = counts + c, m2 + a, empty + int((pred == IGNORE).sum())
+                if least_sure is not None:
+                    gap = margin_of(block)
+                    gap[pred == IGNORE] = np.inf
+                    margins, xs, ys = least_sure(gap)
+                    inside = (xs < pred.shape[1]) & (ys < pred.shape[0])  # a cell past the edge: no pixel
+                    xs, ys = xs[inside], ys[inside]
+                    found.append((margins[inside], xs + cols.start, ys + rows.start, pred[ys, xs]))
+                keep = slice(-rows.start % step, None, step), slice(-cols.start % step, None, step)
+                small["samples"].append((rows.start, cols.start, samples[keep][..., [b - 1 for b in shown]]))
+                small["pred"].append(pred[keep])
+                small["valid"].append(None if valid is None else valid[keep])
+                del block  # before the next block is mapped
+                done += (rows.stop - rows.start) * (cols.stop - cols.start)
+                if done < h * w:
+                    speed = done / 1e6 / (time.time() - t0)
+                    print(f"  {done / (h * w):.0%} of {h * w / 1e6:.1f} MP  {speed:.2f} MP/s  "
+                          f"{(h * w - done) / 1e6 / speed:.0f}s left", flush=True)
+        overlay = write_overlay(small, (math.ceil(h / step), math.ceil(w / step)), step, colours, stem, geo)
+    candidates = tuple(map(np.concatenate, zip(*found))) if found else None
+    known = geo is not None and geo["pixel_m2"] is not None
+    return {"size": (w, h), "geo": geo, "areas": area_rows(names, counts, m2, known), "no_data": empty,
+            "candidates": candidates, "written": [mask_path, overlay]}
 
 
 def check_out(out, overwrite, suggest):
@@ -112,66 +153,106 @@ def check_out(out, overwrite, suggest):
     check_writable(out, "--out")
 
 
-def write_mask(mask, stem, geo):
-    """The palette mask: a GeoTIFF with the input's tags when it had them, else a PNG, with a world
-    file (and the input's .prj) beside it when the input had one -> path written."""
-    if geo and geo["tags"]:
-        info = TiffImagePlugin.ImageFileDirectory_v2()
-        for tag, (kind, value) in geo["tags"].items():
-            info[tag], info.tagtype[tag] = value, kind
-        path = Path(f"{stem}_mask.tif")
+@contextmanager
+def mask_file(stem, size, geo, names, colours):
+    """with mask_file(...) as (write, path): write(rows, columns, classes) puts a block of the class map
+    in its file. A georeferenced scene's mask is a GeoTIFF (through GDAL: tiled, compressed, with
+    overviews when large; its georeference, no data 255, the class colours, and the class names as GDAL's
+    category names), written block by block; a picture's is a PNG, made whole at the end (a world file
+    beside it where the picture had one and GDAL is not installed)."""
+    h, w = size
+    rasterio = rasters.gdal()
+    if geo is None or rasterio is None:
+        path, pred = Path(f"{stem}_mask.png"), np.full((h, w), IGNORE, np.uint8)
+        yield (lambda rows, cols, block: pred.__setitem__((rows, cols), block)), path
         with written(path) as tmp:
-            mask.save(tmp, tiffinfo=info, compression="tiff_deflate")
-        return path
-    path = Path(f"{stem}_mask.png")
-    with written(path) as tmp:
-        mask.save(tmp)
-    write_world(path, ".pgw", geo)
-    return path
+            colourize(pred, colours).save(tmp)
+        write_world(path.with_suffix(".pgw"), geo)
+        return
+    path = Path(f"{stem}_mask.tif")
+    with written(path) as tmp, rasters.geotiff(tmp, size, geo, "uint8", nodata=IGNORE) as ds:
+        ds.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colours)} | {IGNORE: (0, 0, 0, 0)})
+        yield (lambda rows, cols, block: ds.write(block, 1, window=rasters.window(rows, cols))), path
+        rasters.overviews(ds, "nearest")
+    with written(Path(f"{path}.aux.xml")) as tmp:
+        rasters.category_names(tmp, names)
 
 
-def write_world(path, suffix, geo):
-    if geo:
-        with written(path.with_suffix(suffix)) as tmp:
-            tmp.write_text("".join(f"{v!r}\n" for v in geo["world"]))
-        if geo["prj"]:
-            with written(path.with_suffix(".prj")) as tmp:
-                shutil.copyfile(geo["prj"], tmp)
-
-
-def write_overlay(rgb, pred, colours, stem, geo):
-    """The scene with the classes blended on it, half and half, as a JPEG (and world file); made in
-    strips, so that no float copy of a large scene is ever held."""
-    palette = np.zeros((256, 3), np.uint8)
-    palette[: len(colours)] = colours
-    overlay = np.empty_like(rgb)
-    for y in range(0, len(rgb), 256):
-        strip, classes = rgb[y : y + 256], pred[y : y + 256]
-        blend = strip // 2 + palette[classes] // 2
-        overlay[y : y + 256] = np.where((classes == IGNORE)[..., None], strip, blend)  # no data: as it is
-    path = Path(f"{stem}_overlay.jpg")
-    with written(path) as tmp:
-        Image.fromarray(overlay).save(tmp, quality=90)
-    write_world(path, ".jgw", geo)
+def write_mask(pred, stem, geo, names, colours):
+    """A whole (H, W) class map -> its mask file, as map_scene writes it -> path."""
+    with mask_file(stem, pred.shape, geo, names, colours) as (write, path):
+        write(slice(0, pred.shape[0]), slice(0, pred.shape[1]), pred)
     return path
 
 
 def class_areas(pred, names, pixel_m2):
-    """-> rows (class, pixels, share of the scene's valid pixels, hectares or ''). pixel_m2: a pixel's
-    area, one number, or one per row (degrees), or None when unknown."""
-    counts, m2 = np.zeros(len(names), np.int64), np.zeros(len(names))
-    for y in range(0, len(pred), 256):  # in strips: bincount works on a 64-bit copy of what it counts
-        strip = pred[y : y + 256].astype(np.int64)
-        rows = np.arange(len(strip))[:, None] * 256  # (row, class) counted at once; IGNORE counts nowhere
-        per_row = np.bincount((rows + strip).ravel(), minlength=256 * len(strip)).reshape(-1, 256)
-        per_row = per_row[:, : len(names)]
-        counts += per_row.sum(0)
-        if pixel_m2 is not None:
-            area = np.asarray(pixel_m2, np.float64)[y : y + 256] if np.ndim(pixel_m2) else pixel_m2
-            area = np.broadcast_to(area, len(strip))
-            m2 += (per_row * area[:, None]).sum(0)
+    """A whole (H, W) class map -> area_rows; pixel_m2: one number, one per row, or None (unknown)."""
+    return area_rows(names, *count_classes(pred, len(names), pixel_m2), pixel_m2 is not None)
+
+
+def write_world(path, geo):
+    """A world file for a picture of a georeferenced scene, where GDAL (which would carry its coordinate
+    system too) is not installed."""
+    if geo is not None:
+        with written(path) as tmp:
+            tmp.write_text("".join(f"{v!r}\n" for v in geo["world"]))
+
+
+def write_overlay(small, size, step, colours, stem, geo):
+    """The scene with its classes blended on, half and half, for a person to look at, every step-th pixel
+    of it: the scene's picture stretched as a whole (support.bands.display). A georeferenced scene's is
+    a GeoTIFF that carries its place and coordinate system (JPEG-compressed), a picture's a JPEG -> path."""
+    first = small["samples"][0][2]
+    samples = np.zeros((*size, first.shape[2]), first.dtype)
+    pred = np.full(size, IGNORE, np.uint8)
+    valid = None if all(v is None for v in small["valid"]) else np.ones(size, bool)
+    for (y, x, part), p, v in zip(small["samples"], small["pred"], small["valid"]):
+        y, x = math.ceil(y / step), math.ceil(x / step)
+        samples[y : y + len(part), x : x + part.shape[1]] = part
+        pred[y : y + len(p), x : x + p.shape[1]] = p
+        if v is not None:
+            valid[y : y + len(v), x : x + v.shape[1]] = v
+    picture = display(samples, valid, [1, 2, 3] if samples.shape[2] == 3 else [1])
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(colours)] = colours
+    blend = picture // 2 + palette[pred] // 2
+    blend = np.where((pred == IGNORE)[..., None], picture, blend)  # no data: the scene as it is
+    if geo is None or rasters.gdal() is None:
+        path = Path(f"{stem}_overlay.jpg")
+        with written(path) as tmp:
+            Image.fromarray(blend).save(tmp, quality=90)
+        write_world(path.with_suffix(".jgw"), geo and rasters.coarser(geo, step))
+        return path
+    path = Path(f"{stem}_overlay.tif")
+    with written(path) as tmp, rasters.geotiff(tmp, size, rasters.coarser(geo, step), "uint8", bands=3,
+                                               compress="jpeg", photometric="ycbcr") as ds:
+        ds.write(np.moveaxis(blend, -1, 0))
+        rasters.overviews(ds, "average")
+    return path
+
+
+def rows_area(geo, rows):
+    """The area of one pixel of each row of `rows` in m2 (one number where all are alike), or None."""
+    area = None if geo is None else geo["pixel_m2"]
+    return area[rows] if isinstance(area, list) else area
+
+
+def count_classes(pred, n, pixel_m2):
+    """A block of the class map -> (pixels of each of n classes, their m2: 0 where the area is unknown);
+    IGNORE counts nowhere. pixel_m2: one number, one per row, or None."""
+    m2 = np.zeros(n)
+    if isinstance(pixel_m2, list):  # degrees: rows nearer the poles hold smaller pixels
+        per_row = np.stack([np.bincount(r, minlength=256)[:n] for r in pred])
+        return per_row.sum(0), (per_row * np.asarray(pixel_m2)[:, None]).sum(0)
+    counts = np.bincount(pred.ravel(), minlength=256)[:n]
+    return counts, m2 if pixel_m2 is None else counts * pixel_m2
+
+
+def area_rows(names, counts, m2, known):
+    """-> rows (class, pixels, share of the scene's valid pixels, hectares or '' where the area is
+    unknown)."""
     total = max(int(counts.sum()), 1)
-    return [(n, int(c), f"{c / total:.4f}", f"{a / 1e4:.4f}" if pixel_m2 is not None else "")
+    return [(n, int(c), f"{c / total:.4f}", f"{a / 1e4:.4f}" if known else "")
             for n, c, a in zip(names, counts, m2)]
 
 

@@ -1,7 +1,7 @@
 """Drawn labels rasterised: the pixels a polygon (holes respected) or a line of some width labels, the
 checks a GeoJSON geometry or a CSV's stroke must pass first, and one class per pixel where labels overlap.
 
-Pixel coordinates are georef.map_to_pixel's: (column, row), the centre of pixel (i, j) at (i, j), the
+Pixel coordinates are rasters.map_to_pixel's: (column, row), the centre of pixel (i, j) at (i, j), the
 pixel spanning i - 0.5 .. i + 0.5 (GDAL's pixel corners, shifted by -0.5). A polygon labels the pixels
 whose centre lies inside it, by the even-odd rule, so a ring inside another is a hole; a centre exactly
 on an edge is inside on a left or top edge and outside on a right or bottom one, so polygons that share

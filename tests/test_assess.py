@@ -11,7 +11,7 @@ from PIL import Image
 import assess
 import data
 from conftest import COLOURS
-from support import maps
+from support import maps, rasters
 from support.cli import command_line
 
 
@@ -100,8 +100,8 @@ def handmade_maps(root, truth_changes=40, seed=0):
         pred[h // 3 : h // 3 + 6, 2:12] = 2
         pred[:4, :5] = data.IGNORE  # no data
         stem = Path(image).stem
-        path = maps.write_mask(maps.colourize(pred, COLOURS), root / stem, geo and {"tags": {}, "world": geo,
-                                                                                    "prj": None})
+        place = geo and {"world": geo, "crs": "EPSG:32640", "pixel_m2": 0.25}  # UTM zone 40N
+        path = maps.write_mask(pred, root / stem, place, names, COLOURS)
         truth = pred.copy()
         ys, xs = rng.integers(0, h, truth_changes), rng.integers(0, w, truth_changes)
         truth[ys, xs] = np.where(pred[ys, xs] == data.IGNORE, data.IGNORE, rng.integers(0, 3, truth_changes))
@@ -143,11 +143,15 @@ def test_the_sample_is_stratified_blind_off_no_data_and_the_same_for_a_seed(tmp_
     assert strata["seed"] == 4
     assert sum(strata["pixels"]) == sum((m != data.IGNORE).sum() for m in masks.values())
     assert mapped[:12] != sorted(mapped[:12])  # the strata mixed in the order a person sees
-    geo = json.loads((out / "sample.geojson").read_text())["features"]
-    a = [r for r in rows if r["image"] == "scenes/a.tif"]
-    assert len(geo) == len(a) and geo[0]["properties"]["class"] == ""
-    x, y = geo[0]["properties"]["x"], geo[0]["properties"]["y"]
-    assert geo[0]["geometry"]["coordinates"] == [500000.25 + 0.5 * x, 2800000.0 - 0.5 * y]
+    if rasters.gdal():  # longitude and latitude (RFC 7946) of the points of the scene on the map
+        geo = json.loads((out / "sample.geojson").read_text())["features"]
+        a = [r for r in rows if r["image"] == "scenes/a.tif"]
+        assert len(geo) == len(a) and geo[0]["properties"]["class"] == ""
+        x, y = geo[0]["properties"]["x"], geo[0]["properties"]["y"]
+        utm = rasters.reproject("EPSG:4326", "EPSG:32640", *zip(geo[0]["geometry"]["coordinates"]), "test")
+        assert np.allclose(np.ravel(utm), [500000.25 + 0.5 * x, 2800000.0 - 0.5 * y], atol=1e-4)
+    else:
+        assert not (out / "sample.geojson").exists()
     assert assess.main(["sample", str(out), "--size", "60", "--min-per-class", "12", "--seed", "4"]) == 0
     assert (out / "sample.csv").read_text() == text  # the same seed, the same points
     assert assess.main(["sample", str(out), "--size", "60", "--min-per-class", "12", "--seed", "5"]) == 0
@@ -189,16 +193,19 @@ def test_estimate_end_to_end_from_a_sample_labelled_by_a_script(tmp_path, capsys
         assert got["estimated_area"]["ci95"][1] == pytest.approx(high)
         assert got["producers_accuracy"]["se"] == pytest.approx(expected["producers_se"][c])
     assert "mapped hectares" in printed and "estimated hectares" in printed
-    # the GeoJSON of the sample, labelled in its properties, together with the CSV of the other scene
-    geo = json.loads((out / "sample.geojson").read_text())
-    for f in geo["features"]:
-        p = f["properties"]
-        p["class"] = ["Water", "Land", "Road"][truths[p["image"]][p["y"], p["x"]]]
-    (tmp_path / "a.geojson").write_text(json.dumps(geo))
-    with open(tmp_path / "b.csv", "w", newline="") as f:
-        b = [list(r.values()) for r in rows if r["image"] != "scenes/a.tif"]
-        csv.writer(f).writerows([list(rows[0])] + b)
-    files = [str(tmp_path / "a.geojson"), str(tmp_path / "b.csv")]
+    # the sample labelled in two files: the CSV of one scene, and the other's points in QGIS (the GeoJSON of
+    # the sample, its properties filled in; with GDAL, which places them) or in a CSV too
+    for name, scene in [("a", "scenes/a.tif"), ("b", "scenes/b.jpg")]:
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([list(rows[0])] + [list(r.values()) for r in rows if r["image"] == scene])
+    files = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    if rasters.gdal():
+        geo = json.loads((out / "sample.geojson").read_text())
+        for f in geo["features"]:
+            p = f["properties"]
+            p["class"] = ["Water", "Land", "Road"][truths[p["image"]][p["y"], p["x"]]]
+        (tmp_path / "a.geojson").write_text(json.dumps(geo))
+        files[0] = str(tmp_path / "a.geojson")
     assert assess.main(["estimate", str(out), "--sample", *files]) == 0
     again = json.loads((out / "accuracy.json").read_text())
     assert again["error_matrix"] == result["error_matrix"] and again["classes"] == result["classes"]
@@ -262,33 +269,38 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     before = [(out / n).read_bytes() for n in ("sample.csv", "strata.json")]
     refused(sample, "sample.csv: already holds labelled points")
     assert [(out / n).read_bytes() for n in ("sample.csv", "strata.json")] == before  # a person's work kept
-    mask = out / "a_mask.png"
+    mask = out / "b_mask.png"
     im = Image.open(mask)
     pixels = np.asarray(im).copy()
     pixels[-1, -1] = 0 if pixels[-1, -1] else 1
     changed = Image.fromarray(pixels, mode="P")
     changed.putpalette(im.getpalette())
     changed.save(mask)
-    refused(["estimate", str(out)], "a_mask.png: its pixels per class differ from those in strata.json")
-    (out / "sample.csv").unlink()  # labelled in QGIS instead: the GeoJSON is kept the same way
-    geo = json.loads((out / "sample.geojson").read_text())
-    geo["features"][0]["properties"]["class"] = "Water"
-    (out / "sample.geojson").write_text(json.dumps(geo))
-    refused(sample, "sample.geojson: already holds labelled points")
+    refused(["estimate", str(out)], "b_mask.png: its pixels per class differ from those in strata.json")
+    if rasters.gdal():  # labelled in QGIS instead: the GeoJSON is kept the same way
+        (out / "sample.csv").unlink()
+        geo = json.loads((out / "sample.geojson").read_text())
+        geo["features"][0]["properties"]["class"] = "Water"
+        (out / "sample.geojson").write_text(json.dumps(geo))
+        refused(sample, "sample.geojson: already holds labelled points")
+
+
+NAMES = ["Water", "Land", "Road"]  # the classes of handmade_maps
 
 
 def test_a_class_sampled_whole_points_nobody_can_tell_and_intervals_within_their_bounds(tmp_path, capsys):
     out = tmp_path / "one"
     truths = handmade_maps(out)
+    masks = {image: mask for image, mask, _, _ in assess.read_areas(out)[1]}
     for image, truth in truths.items():  # Road mapped on one pixel only
-        m = assess.read_mask(out / f"{Path(image).stem}_mask.png").copy()
+        m = assess.read_mask(out / masks[image]).copy()
         m[m == 2] = 1
         if image == "scenes/b.jpg":
             m[-1, -1] = 2
         truths[image] = m
-        maps.write_mask(maps.colourize(m, COLOURS), out / Path(image).stem, None)
-    rows = [(im, *row, f"{Path(im).stem}_mask.png") for im, m in truths.items()
-            for row in maps.class_areas(m, ["Water", "Land", "Road"], None)]
+        (out / masks[image]).unlink()
+        masks[image] = maps.write_mask(m, out / Path(image).stem, None, NAMES, COLOURS).name
+    rows = [(im, *row, masks[im]) for im, m in truths.items() for row in maps.class_areas(m, NAMES, None)]
     with open(out / "areas.csv", "w", newline="") as f:
         csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *rows])
     assert assess.main(["sample", str(out), "--size", "30", "--min-per-class", "10"]) == 0

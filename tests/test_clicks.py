@@ -1,11 +1,9 @@
 """Clicks and drawn labels: CSV and GeoJSON, pixels and map coordinates, lines and polygons, the loop
 from clicks to a second model, simulated annotators."""
 import csv
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +14,15 @@ from PIL import Image
 import data
 import predict
 import train
-from conftest import FIXTURES, geotiff_tags, save_geotiff, tile_masks, tiny_args, write_tiff
-from support import clicks, layout, scene, shapes
+from conftest import FIXTURES, geotiff_tags, needs_gdal, save_geotiff, tile_masks, tiny_args, write_tiff
+from support import clicks, layout, rasters, shapes
 from support.cli import DataError, command_line
 from tools import simulate
 
 
+@needs_gdal  # GeoTIFF scenes
 def test_click_files_as_spreadsheets_and_other_programs_write_them(tmp_path):
-    info = {n: scene.image_info(FIXTURES / n) for n in ["scene_rgb.png", "ORTHO_0001.JPG",
+    info = {n: rasters.image_info(FIXTURES / n) for n in ["scene_rgb.png", "ORTHO_0001.JPG",
                                                           "multispectral_uint16_utm40n.tif"]}
     expected = json.loads((FIXTURES / "clicks.expected.json").read_text())
     names = expected["classes"]
@@ -60,13 +59,14 @@ def geojson(features, epsg=32640):
     return json.dumps({"type": "FeatureCollection", "crs": crs, "features": features})
 
 
+@needs_gdal  # GeoTIFFs placed on the map
 def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     image = np.zeros((20, 30, 3), np.uint8)
     tie = (2.0, 3.0, 500100.0, 2800200.0)  # raster corner (2, 3) lies at this map point
     save_geotiff(tmp_path / "tags.tif", image, geotiff_tags(tie=tie))
     Image.fromarray(image).save(tmp_path / "world.png")
     (tmp_path / "world.pgw").write_text("2\n0\n0\n-2\n1000\n2000\n")  # pixel (0, 0): centre at (1000, 2000)
-    info = {n: scene.image_info(tmp_path / n) for n in ["tags.tif", "world.png"]}
+    info = {n: rasters.image_info(tmp_path / n) for n in ["tags.tif", "world.png"]}
     x, y = centre_on_map(7, 4, tie)
     features = [feature(x, y, label="a"), feature(x + 0.24, y - 0.24, label="b"),  # half a pixel is 0.25
                 feature(x + 0.26, y, label="c"), feature(1000 + 12 * 2, 2000 - 9 * 2, label="d"),
@@ -77,11 +77,12 @@ def test_a_click_on_a_pixel_centre_is_found_on_that_pixel(tmp_path):
     assert by_image == {"tags.tif": [(7, 4, 0), (7, 4, 1), (8, 4, 2)], "world.png": [(12, 9, 3), (12, 9, 4)]}
 
 
+@needs_gdal  # GeoTIFFs placed on the map
 @pytest.mark.parametrize("case, message", [
     ("not JSON", "not JSON"),
     ("not a FeatureCollection", "not a GeoJSON FeatureCollection"),
     ("a collection", "feature 1: a GeometryCollection, not a Point, LineString or Polygon"),
-    ("another CRS, no pyproj", r"its points are in EPSG:4326, .*needs pyproj \(pip install pyproj\)"),
+    ("without the GIS extra", r"no image of the data set is georeferenced .*requirements-gis.txt"),
     ("a JSON list", "not a GeoJSON FeatureCollection .its top level is a list"),
     ("NaN coordinates", r"feature 0: coordinates \(nan, .*\) are not finite numbers"),
     ("infinite coordinates", r"feature 0: coordinates \(inf, .*\) are not finite numbers"),
@@ -110,7 +111,7 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
     text = {"not JSON": "{nope", "not a FeatureCollection": json.dumps({"type": "Feature"}),
             "a collection": geojson(features + [{"type": "Feature", "properties": {"class": "Water"},
                                                  "geometry": {"type": "GeometryCollection"}}]),
-            "another CRS, no pyproj": geojson(features, epsg=4326), "a JSON list": "[]",
+            "without the GIS extra": geojson(features), "a JSON list": "[]",
             "NaN coordinates": geojson([feature(math.nan, y, **{"class": "Water"})]),
             "infinite coordinates": geojson([feature(math.inf, y, **{"class": "Water"})]),
             "a crs without properties": json.dumps({"type": "FeatureCollection", "features": features,
@@ -140,7 +141,8 @@ def test_bad_clicks_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, c
         classes = json.dumps({"classes": [{"title": "Water", "color": "#0000FF"}]})
         (root / "classes.json").write_text(classes)
     path.write_text(text)
-    monkeypatch.setitem(sys.modules, "pyproj", None)  # as where it is not installed: import fails
+    if case == "without the GIS extra":
+        monkeypatch.setattr(rasters, "gdal", lambda: None)  # as where rasterio is not installed
     out = tmp_path / "run"
     assert command_line(train.main, tiny_args(root, out, "--point-labels", str(path))) == 2
     assert re.search(message, capsys.readouterr().err.splitlines()[-1])
@@ -163,6 +165,7 @@ def scenes_and_clicks(tiny, root, per_image=15):
     return [("abc"[i] + ".tif", x, y, names[c]) for i, x, y, c in points], ties
 
 
+@needs_gdal  # GeoTIFFs placed on the map
 def test_own_images_and_clicks_train_predict_suggest_and_train_again(tiny, tmp_path, capsys):
     root = tmp_path / "scenes"
     rows, ties = scenes_and_clicks(tiny, root)
@@ -199,28 +202,30 @@ def test_own_images_and_clicks_train_predict_suggest_and_train_again(tiny, tmp_p
     suggested = list(csv.DictReader(open(out / "suggestions.csv")))
     assert len(suggested) == 3 * 4 and all(r["class"] == "" for r in suggested)
     assert {r["hint"] for r in suggested} <= {c["title"] for c in classes}
-    doc = json.loads((out / "suggestions.geojson").read_text())
-    assert doc["crs"]["properties"]["name"].endswith("32640") and len(doc["features"]) == 3 * 4
-    info = {n: scene.image_info(root / n) for n in ["a.tif", "b.tif", "c.tif"]}
-    for f, r in zip(doc["features"], suggested):  # back from the map to the same pixel
-        placed = [(n, size, geo["world"]) for n, (size, geo) in info.items()]
-        pixel = (Path(r["image"]).name, int(r["x"]), int(r["y"]))
-        assert clicks.locate(placed, *f["geometry"]["coordinates"]) == pixel
+    doc = json.loads((out / "suggestions.geojson").read_text())  # RFC 7946: longitude, latitude, no crs
+    assert "crs" not in doc and len(doc["features"]) == 2 * 4  # c.tif: a world file, no coordinate system
+    said = capsys.readouterr().out
+    assert re.search(r"suggestions.geojson: leaves out \S+c.tif: no coordinate system known", said)
+    info = {n: rasters.image_info(root / n) for n in ["a.tif", "b.tif", "c.tif"]}
+    placed = [(n, size, geo["world"]) for n, (size, geo) in info.items()]
+    for f, r in zip(doc["features"], suggested):  # back from longitude and latitude to the same pixel
+        (x,), (y,) = rasters.reproject("EPSG:4326", "EPSG:32640", *zip(f["geometry"]["coordinates"]), "test")
+        assert clicks.locate(placed, x, y) == (Path(r["image"]).name, int(r["x"]), int(r["y"]))
         f["properties"]["class"] = f["properties"]["hint"]  # the annotator fills the class in
     (out / "suggestions.geojson").write_text(json.dumps(doc))
     again = tmp_path / "again"
     train.main(tiny_args(root, again, "--point-labels", str(tmp_path / "clicks.geojson"),
                          str(out / "suggestions.geojson")))
-    assert len((again / "points.csv").read_text().splitlines()) == 1 + 2 * 15 + 2 * 4
+    assert len((again / "points.csv").read_text().splitlines()) == 1 + 2 * 15 + 8
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyproj") is None, reason="needs pyproj: pip install pyproj")
+@needs_gdal
 def test_gps_points_land_where_gdal_puts_them_and_a_4_band_scene_trains_maps_and_suggests(tmp_path, capsys):
     name = "multispectral_uint16_utm40n.tif"
     folder = tmp_path / "scenes"
     folder.mkdir()
     (folder / name).write_bytes((FIXTURES / name).read_bytes())
-    info = {name: scene.image_info(folder / name)}
+    info = {name: rasters.image_info(folder / name)}
     expected = json.loads((FIXTURES / "clicks.expected.json").read_text())
     names = expected["classes"]
     gps = [p for p in expected["wgs84_points"] if p["image"] == name]  # the others lie on ORTHO_0001.JPG
@@ -366,6 +371,7 @@ def qgis_layer(epsg=32640):
     return features, pixels | {("c.tif", 60, 60, "Building")}, len(water & land)
 
 
+@needs_gdal  # GeoTIFFs placed on the map
 def test_a_qgis_layer_of_polygons_lines_and_points_trains_maps_and_suggests(tiny, tmp_path, capsys):
     root = tmp_path / "scenes"
     scenes_and_clicks(tiny, root)
@@ -382,20 +388,18 @@ def test_a_qgis_layer_of_polygons_lines_and_points_trains_maps_and_suggests(tiny
     assert trained == expected and twice == 25
     assert predict.main(["--ckpt", str(run / "ckpt.pt"), str(root), "--out", str(out), "--suggest", "2",
                          "--device", "cpu", "--precision", "fp32"]) == 0
-    assert len(json.loads((out / "suggestions.geojson").read_text())["features"]) == 3 * 2
+    assert len(json.loads((out / "suggestions.geojson").read_text())["features"]) == 2 * 2  # c.tif: no system
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyproj") is None, reason="needs pyproj: pip install pyproj")
+@needs_gdal
 def test_shapes_in_longitude_and_latitude_land_on_the_pixels_of_their_utm_vertices(tiny, tmp_path, capsys):
-    import pyproj
-
     root = tmp_path / "scenes"
     scenes_and_clicks(tiny, root)
-    info = {n: scene.image_info(root / n) for n in ["a.tif", "b.tif"]}  # c.tif's system is unknown
+    info = {n: rasters.image_info(root / n) for n in ["a.tif", "b.tif"]}  # c.tif's system is unknown
     features, _, _ = qgis_layer()
     (tmp_path / "utm.geojson").write_text(geojson(features))
-    to_lonlat = pyproj.Transformer.from_crs("EPSG:32640", "EPSG:4326", always_xy=True)
-    move = lambda c: list(to_lonlat.transform(*c)) if isinstance(c[0], float) else [move(p) for p in c]
+    to_lonlat = lambda x, y: [v[0] for v in rasters.reproject("EPSG:32640", "EPSG:4326", [x], [y], "test")]
+    move = lambda c: to_lonlat(*c) if isinstance(c[0], float) else [move(p) for p in c]
     for f in features:
         f["geometry"]["coordinates"] = move(f["geometry"]["coordinates"])
     (tmp_path / "lonlat.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
@@ -404,6 +408,7 @@ def test_shapes_in_longitude_and_latitude_land_on_the_pixels_of_their_utm_vertic
     assert "read as RFC 7946 GeoJSON" in capsys.readouterr().out
 
 
+@needs_gdal  # GeoTIFFs placed on the map
 def test_bad_geometry_from_the_command_line_is_one_line_and_exit_code_2(tmp_path, capsys):
     root = tmp_path / "scenes"
     root.mkdir()
@@ -422,7 +427,7 @@ def test_bad_geometry_from_the_command_line_is_one_line_and_exit_code_2(tmp_path
 def test_simulated_annotators_stay_in_one_class_and_spend_the_time_given(tiny, tmp_path, capsys):
     names, colours = layout.read_classes(tiny)
     files, _, masks = tile_masks(tiny, [1, 2], colours)
-    info = {n: scene.image_info(tiny / n) for n in files}
+    info = {n: rasters.image_info(tiny / n) for n in files}
     patches = sum((m[y : y + 32, x : x + 32] != data.IGNORE).any() for m in masks
                   for y in (0, 32, 64) for x in (0, 32, 64))  # the 32x32 grid patches with a class
     for kind, seconds in [("points", 2.4), ("strokes", 10.9), ("polygons", 14.4)]:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import label
-from support import clicks, label_guard, layout, scene
+from support import clicks, label_guard, layout, rasters
 from support.cli import DataError
 from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
 
@@ -72,7 +72,7 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     assert change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}) == 200
     assert points.read_text() == "image,x,y,class\nsub/wide.png,80,5,Road\n"  # saved at once
     # the file is what train.py reads
-    info = {n: scene.image_info(server.labels.root / n) for n in ["square.jpg", "sub/wide.png"]}
+    info = {n: rasters.image_info(server.labels.root / n) for n in ["square.jpg", "sub/wide.png"]}
     assert clicks.read_clicks([points], info, layout.read_classes(server.labels.root)[0])[0] == \
         {"sub/wide.png": [(80, 5, 2)]}
     capsys.readouterr()
@@ -214,7 +214,7 @@ def test_label_server_writes_back_every_row_and_column(label_server, tmp_path):
     expected = [*before[:2], before[2].replace(b",7,8,,", b",7,8,Water,"), before[4],
                 b"sub/wide.png,1,2,Road,,\r\n"]
     assert given.read_bytes() == b"".join(expected)
-    info = {n: scene.image_info(root / n) for n in ["square.jpg", "sub/wide.png"]}
+    info = {n: rasters.image_info(root / n) for n in ["square.jpg", "sub/wide.png"]}
     assert clicks.read_clicks([given], info, labels.names)[0] == {"sub/wide.png": [(7, 8, 0), (1, 2, 2)]}
     # Excel's "CSV UTF-8" (a byte-order mark), "\n" line ends, ';' with 'Image' (Excel where the comma is
     # the decimal mark) and "Unicode text" (UTF-16, tabs) are written back as they were, a stroke too

@@ -17,9 +17,9 @@ import assess
 import data
 import predict
 import train
-from conftest import FIXTURES, classes_json, geotiff_tags, save_geotiff, tile_masks, tiny_args, write_set
-from conftest import write_tiff
-from support import layout, maps, scene
+from conftest import FIXTURES, classes_json, geotiff_tags, needs_gdal, save_geotiff, tile_masks, tiny_args
+from conftest import write_set, write_tiff
+from support import layout, maps, rasters
 from support.cli import DataError, command_line
 from support.speed import fold_batch_norm
 
@@ -29,12 +29,15 @@ def test_a_scene_is_mapped_in_blocks_each_seen_with_a_halo_around_it(tiny_run):
     image = np.random.default_rng(0).integers(0, 255, (300, 130, 3)).astype(np.uint8)
     logits_of = partial(predict.sliding_window, model, dtype=torch.float32, window=96)
     whole = logits_of(image)
-    one, = maps.logits_in_blocks(logits_of, image, block=320)  # a scene of one block: the whole-image pass
-    assert torch.equal(one[1], whole)
+    read = lambda rows, cols: (image[rows[0] : rows[1], cols[0] : cols[1]], None)  # noqa: E731
+    blocks = maps.logits_in_blocks(lambda s, v: logits_of(s), read, (300, 130), block=320)
+    (_, one, samples, _), = blocks  # a scene of one block: the whole-image pass
+    assert torch.equal(one, whole) and np.array_equal(samples, image)
     covered = np.zeros((300, 130), int)
-    for (rows, cols), logits in maps.logits_in_blocks(logits_of, image, block=64, halo=32):
+    for (rows, cols), logits, samples, _ in maps.logits_in_blocks(lambda s, v: logits_of(s), read, (300, 130),
+                                                                 block=64, halo=32):
         covered[rows, cols] += 1
-        assert rows.start % 32 == cols.start % 32 == 0 and logits.shape[1:] == covered[rows, cols].shape
+        assert rows.start % 32 == cols.start % 32 == 0 and np.array_equal(samples, image[rows, cols])
         top, left = max(rows.start - 32, 0), max(cols.start - 32, 0)  # the block and 32 pixels around it
         around = logits_of(image[top : rows.stop + 32, left : cols.stop + 32])
         inside = slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left)
@@ -42,10 +45,13 @@ def test_a_scene_is_mapped_in_blocks_each_seen_with_a_halo_around_it(tiny_run):
     assert (covered == 1).all()  # every pixel once
     pred, gap = maps.map_in_blocks(logits_of, image, margin=True)
     top2 = whole.softmax(0).topk(2, dim=0).values
-    assert np.array_equal(pred, whole.argmax(0).numpy()) and np.allclose(gap, top2[0] - top2[1], atol=1e-3)
+    assert np.array_equal(pred, whole.argmax(0).numpy()) and np.allclose(gap, top2[0] - top2[1], atol=1e-6)
 
 
-def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
+@needs_gdal
+def test_a_geotiff_is_mapped_to_a_geotiff_gdal_and_qgis_read_as_a_map(tiny_run, tmp_path, capsys):
+    import rasterio
+
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (70, 90, 4)).astype(np.uint8)
     rgba[..., 3] = 255
@@ -54,16 +60,20 @@ def test_a_geotiff_is_mapped_to_a_geotiff_and_areas(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "ortho.tif"), "--out", str(out)]
     assert predict.main(args + ["--precision", "fp32"]) == 0
-    mask = Image.open(out / "ortho_mask.tif")
-    for tag, (kind, value) in geotiff_tags().items():  # the georeferencing, value by value
-        assert mask.tag_v2[tag] == value and mask.tag_v2.tagtype[tag] == kind
-    classes = np.array(mask)
-    assert classes.shape == (70, 90)
-    assert (classes[:, :20] == data.IGNORE).all() and (classes[:, 20:] < 5).all()
-    world = [float(v) for v in (out / "ortho_overlay.jgw").read_text().split()]
-    assert world == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
+    ckpt = torch.load(tiny_run[1] / "ckpt.pt", weights_only=True)
+    with rasterio.open(tmp_path / "ortho.tif") as scene, rasterio.open(out / "ortho_mask.tif") as mask:
+        assert mask.crs == scene.crs and mask.crs.to_epsg() == 32640 and mask.transform == scene.transform
+        assert mask.nodata == data.IGNORE and mask.profile["tiled"] and mask.compression.name == "deflate"
+        assert [mask.colormap(1)[i][:3] for i in range(5)] == [tuple(c) for c in ckpt["colours"]]
+        classes = mask.read(1)
+        assert (classes[:, :20] == data.IGNORE).all() and (classes[:, 20:] < 5).all()
+        assert (mask.dataset_mask()[:, :20] == 0).all()  # GDAL counts the collar as no data, not a class
+    categories = re.findall(r"<Category>(.*?)</Category>", (out / "ortho_mask.tif.aux.xml").read_text())
+    assert categories == ckpt["classes"]
+    with rasterio.open(out / "ortho_overlay.tif") as overlay:  # the picture, on the map too
+        assert overlay.crs == scene.crs and overlay.transform == scene.transform and overlay.count == 3
     rows = list(csv.DictReader(open(out / "areas.csv")))
-    assert [r["class"] for r in rows] == torch.load(tiny_run[1] / "ckpt.pt", weights_only=True)["classes"]
+    assert [r["class"] for r in rows] == ckpt["classes"]
     assert sum(int(r["pixels"]) for r in rows) == 70 * 70  # the valid pixels
     assert {r["mask"] for r in rows} == {"ortho_mask.tif"}  # the mask these pixels were counted on
     for r in rows:
@@ -77,19 +87,31 @@ def test_world_files_carry_over_and_shared_names_stay_apart(tiny_run, tmp_path, 
         (tmp_path / folder).mkdir()
         Image.fromarray(image).save(tmp_path / folder / "scene.jpg")
     (tmp_path / "a" / "scene.jgw").write_text("0.3\n0\n0\n-0.3\n400000.15\n3000000.15\n")
-    (tmp_path / "a" / "scene.prj").write_text("PROJCS[...]")
+    (tmp_path / "a" / "SCENE.PRJ").write_text((FIXTURES / "ORTHO_0001.PRJ").read_text())  # ArcGIS's ESRI WKT
     out = tmp_path / "out"
     args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--out", str(out), "--precision", "fp32"]
     scenes = [str(tmp_path / f / "scene.jpg") for f in ("a", "b")]
     assert predict.main(args + scenes + scenes[:1]) == 0  # the same file twice is mapped once
     said = capsys.readouterr().out
-    assert "share a file name" in said and said.count("a_scene_mask.png") == 1
-    assert sorted(p.name for p in out.iterdir()) == [
-        "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_mask.prj", "a_scene_overlay.jgw",
-        "a_scene_overlay.jpg", "a_scene_overlay.prj", "areas.csv", "b_scene_mask.png", "b_scene_overlay.jpg"]
-    world = (out / "a_scene_mask.pgw").read_text().split()
-    assert world == ["0.3", "0.0", "0.0", "-0.3", "400000.15", "3000000.15"]
-    assert all(r["hectares"] == "" for r in csv.DictReader(open(out / "areas.csv")))  # a world file: no units
+    areas = list(csv.DictReader(open(out / "areas.csv")))
+    if rasters.gdal():  # the world file and the ESRI .prj place it: a GeoTIFF of the map, areas in hectares
+        import rasterio
+
+        assert "share a file name" in said and said.count("a_scene_mask.tif") == 1
+        assert sorted(p.name for p in out.iterdir()) == [
+            "a_scene_mask.tif", "a_scene_mask.tif.aux.xml", "a_scene_overlay.tif", "areas.csv",
+            "b_scene_mask.png", "b_scene_overlay.jpg"]
+        with rasterio.open(out / "a_scene_mask.tif") as mask:
+            assert mask.crs.to_epsg() == 32640 and mask.transform.c == 400000.0 and mask.transform.a == 0.3
+        assert {r["hectares"] != "" for r in areas if r["image"].endswith("a/scene.jpg")} == {True}
+    else:  # a world file beside the mask; its .prj is read through GDAL only, which a line says
+        assert "its .prj (coordinate system) is read with the GIS extra" in said
+        assert sorted(p.name for p in out.iterdir()) == [
+            "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_overlay.jgw", "a_scene_overlay.jpg", "areas.csv",
+            "b_scene_mask.png", "b_scene_overlay.jpg"]
+        world = (out / "a_scene_mask.pgw").read_text().split()
+        assert world == ["0.3", "0.0", "0.0", "-0.3", "400000.15", "3000000.15"]
+        assert all(r["hectares"] == "" for r in areas)  # a world file alone: no units
 
 
 def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, monkeypatch, capsys):
@@ -107,9 +129,10 @@ def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, 
     assert Image.open(tmp_path / "o" / "big_mask.png").size == (60, 200)
 
 
+@needs_gdal
 def test_a_masked_orthophoto_maps_no_collar_and_counts_no_collar(tiny_run, tmp_path, capsys):
-    """The black collar GDAL marks with a mask band (inside a JPEG-YCbCr TIFF, or a .msk beside a
-    JPEG) is no class in the map and no hectares in areas.csv."""
+    """The black collar GDAL marks with a mask band (inside a JPEG-YCbCr TIFF, a .msk beside a JPEG, or
+    GDAL's mask after a JPEG's end) is no class in the map and no hectares in areas.csv."""
     names = ["rgb_jpeg_ycbcr_internal_mask.tif", "rgb_jpeg_external_mask.jpg", "rgb_jpeg_appended_mask.jpg"]
     for name in names + ["rgb_jpeg_external_mask.jpg.msk"]:
         (tmp_path / name).write_bytes((FIXTURES / name).read_bytes())
@@ -120,14 +143,12 @@ def test_a_masked_orthophoto_maps_no_collar_and_counts_no_collar(tiny_run, tmp_p
     for name in names:
         gdal = json.loads((FIXTURES / f"{name}.expected.json").read_text())["valid_pixels"]
         assert sum(int(r["pixels"]) for r in rows if r["image"].endswith(name)) == gdal == 960
-        suffix = "tif" if name.endswith("tif") else "png"
-        mask = np.array(Image.open(out / f"{Path(name).stem}_mask.{suffix}"))
-        assert (mask == data.IGNORE).sum() == 32 * 48 - 960
-    said = capsys.readouterr().out
-    assert "no data: 576 pixels (internal mask 576)" in said and "(.msk 576)" in said
-    assert "(mask after the JPEG 576)" in said
+        mask = next(out.glob(f"{Path(name).stem}_mask.*[gf]"))
+        assert (np.array(Image.open(mask)) == data.IGNORE).sum() == 32 * 48 - 960
+    assert capsys.readouterr().out.count("no data: 576 pixels") == 3
 
 
+@needs_gdal
 def test_areas_on_a_geographic_grid_sum_to_the_earth(tiny_run, tmp_path):
     (tmp_path / "globe.tif").write_bytes((FIXTURES / "globe_4326_10deg.tif").read_bytes())
     out = tmp_path / "maps"
@@ -137,7 +158,7 @@ def test_areas_on_a_geographic_grid_sum_to_the_earth(tiny_run, tmp_path):
     sphere = 4 * math.pi * 6371008.8**2 / 1e4
     assert hectares == pytest.approx(sphere, rel=1e-6)  # each row at its own latitude, not one area for all
     rows = json.loads((FIXTURES / "globe_4326_10deg.areas.json").read_text())["pixel_ha_by_row"]
-    geo = scene.image_info(tmp_path / "globe.tif")[1]
+    geo = rasters.image_info(tmp_path / "globe.tif")[1]
     assert np.allclose(np.array(geo["pixel_m2"]) / 1e4, rows, rtol=1e-9)
 
 
@@ -151,6 +172,7 @@ def test_predict_refuses_a_data_set_with_other_classes(tiny_run, tmp_path):
         predict.main(["--ckpt", str(tmp_path / "missing.pt"), "a.jpg", "--out", str(tmp_path / "p")])
 
 
+@needs_gdal  # a 5-band TIFF
 def test_predict_flags_tta_bands_and_a_model_transformation_carried_into_the_mask(tiny_run, tmp_path):
     rng = np.random.default_rng(5)
     five = rng.integers(0, 256, (40, 56, 5)).astype(np.uint8)  # five bands: no alpha to guess at

@@ -1,19 +1,24 @@
-"""Rasters as the field writes them: bands, bit depths, layouts, no data, georeference, damaged headers."""
+"""Rasters as the field writes them, read through GDAL as gdalinfo reads them (the committed fixtures and
+GDAL's own answers, tests/fixtures), and without GDAL what Pillow reads faithfully, the rest refused."""
 import csv
 import json
+import re
+import shutil
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import data
 import predict
-from conftest import FIXTURES, geotiff_tags, write_tiff
-from support import bands, georef, layout, scene
-from support.cli import DataError, band_list
+from conftest import FIXTURES, needs_gdal, tiny_args, write_tiff
+from support import bands, layout, rasters
+from support.cli import DataError
+
+FILES = sorted(p.name[: -len(".expected.json")] for p in FIXTURES.glob("*.expected.json")
+               if json.loads(p.read_text()).get("gdal_opens") and not p.name.startswith("hostile")
+               and (FIXTURES / p.name[: -len(".expected.json")]).is_file())
 
 
 def stretched(band, low=2, high=98):
@@ -22,143 +27,90 @@ def stretched(band, low=2, high=98):
     return np.clip((band - lo) * 255 / (hi - lo), 0, 255).astype(np.uint8)
 
 
-# deflate, tile side, planar: each way of storing samples the reader knows, and two of them together
-LAYOUTS = [(False, None, False), (True, None, False), (False, 16, False), (False, None, True),
-           (True, 16, True)]
+@needs_gdal
+@pytest.mark.parametrize("name", FILES + [p.name for p in FIXTURES.glob("*.SAFE")])
+def test_every_raster_is_read_with_its_bands_no_data_and_place_as_gdal_reads_it(name):
+    """Each kind GDAL wrote (JPEG 2000, Sentinel-2 products, VRT, ENVI, masks inside a TIFF, after a JPEG or
+    in a .msk, alpha, NaN, scale and offset, 16-bit PNG, RGBN JPEG, systems with and without an EPSG code,
+    GCPs and RPCs): the bands, the valid pixels and each band's mean over them, the geotransform and the
+    coordinate system, against what GDAL said of the file."""
+    from rasterio.crs import CRS
 
-
-@pytest.mark.parametrize("deflate, tile, planar", LAYOUTS)
-def test_tiffs_of_many_bands_and_16_bits_are_read_sample_by_sample(tmp_path, deflate, tile, planar):
-    rng = np.random.default_rng(0)
-    five = rng.integers(0, 256, (37, 45, 5)).astype(np.uint8)
-    write_tiff(tmp_path / "five.tif", five, deflate, tile, planar)
-    s = scene.read_scene(tmp_path / "five.tif")
-    assert np.array_equal(s["samples"], five) and s["note"] == "5 band(s) of uint8"  # every band, as stored
-    assert s["valid"] is None and s["geo"] is None
-    assert np.array_equal(bands.display(s["samples"], None, [4, 3, 2]), five[..., [3, 2, 1]])
-    # 16 bits, three bands and an alpha: each band shown stretched on its own, alpha 0 is no data (black)
-    deep = rng.integers(1000, 52000, (37, 45, 4)).astype(np.uint16)
-    deep[..., 3] = np.where(rng.random((37, 45)) < 0.1, 0, 65535)
-    write_tiff(tmp_path / "deep.tif", deep, deflate, tile, planar, extra=[2])
-    s = scene.read_scene(tmp_path / "deep.tif")
-    assert np.array_equal(s["valid"], deep[..., 3] > 0) and np.array_equal(s["samples"], deep[..., :3])
-    ours = bands.display(s["samples"], s["valid"]).astype(int)
-    for b in range(3):
-        ref = deep[..., b].astype(np.float64)
-        lo, hi = np.percentile(ref[s["valid"]], [2, 98])
-        expected = np.where(s["valid"], np.clip((ref - lo) * 255 / (hi - lo), 0, 255).astype(int), 0)
-        assert np.abs(ours[..., b] - expected).max() <= 1
-    empty = (deep[..., 3] == 0).sum()
-    assert s["note"] == f"3 band(s) of uint16 and alpha; no data: {empty} pixels (alpha 0 {empty})"
-
-
-def test_16_bit_single_band_is_stretched_and_unreadable_layouts_are_one_line(tmp_path):
-    values = np.random.default_rng(1).integers(1000, 52000, (30, 40)).astype(np.uint16)
-    Image.fromarray(values).save(tmp_path / "band.tif")  # what Pillow's conversion to RGB clips
-    s = scene.read_scene(tmp_path / "band.tif")
-    ref = stretched(values)
-    assert np.array_equal(bands.display(s["samples"], s["valid"]), np.stack([ref] * 3, -1))
-    assert s["note"] == "1 band(s) of uint16"
-    write_tiff(tmp_path / "zstd.tif", np.zeros((8, 8, 5), np.uint8))
-    raw = bytearray((tmp_path / "zstd.tif").read_bytes())
-    i = raw.index(struct.pack("<HHI", 259, 3, 1))
-    raw[i + 8 : i + 10] = struct.pack("<H", 50000)  # compression 50000: ZSTD, which neither reader knows
-    (tmp_path / "zstd.tif").write_bytes(raw)
-    with pytest.raises(DataError, match="compression 50000.*neither read here .uncompressed, deflate, LZW."):
-        scene.read_scene(tmp_path / "zstd.tif")
-    write_tiff(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8))
-    with pytest.raises(DataError, match="has 5 band.s., --bands asks for band 7"):
-        layout.read_image(tmp_path / "five.tif", bands=[7, 1, 2])
-    assert band_list("2,1") == [2, 1] and band_list("1,2,3,4,5") == [1, 2, 3, 4, 5]
-    for text, counts in [("2,2", None), ("0,1", None), ("a", None), ("2,1", (1, 3))]:
-        with pytest.raises(DataError, match=f"--bands {text}: expected"):
-            band_list(text, counts=counts)
-
-
-
-
-def test_world_numbers_from_geotiff_tags():
-    def centre_of_top_left_pixel(m, corner):  # the 4x4 transform applied to raster (0.5, 0.5) or (0, 0)
-        i = j = 0.5 if corner else 0.0
-        return [m[0] * i + m[1] * j + m[3], m[4] * i + m[5] * j + m[7]]
-
-    m = [0.3, 0.1, 0, 400000.0, -0.05, -0.3, 0, 3000000.0, 0, 0, 0, 0, 0, 0, 0, 1]
-    for point in (False, True):
-        world = georef.world_from_tags(geotiff_tags(m, point))
-        assert world[:4] == [0.3, -0.05, 0.1, -0.3]
-        assert world[4:] == pytest.approx(centre_of_top_left_pixel(m, corner=not point))
-    assert georef.world_from_tags(geotiff_tags()) == [0.5, 0.0, 0.0, -0.5, 500000.25, 2799999.75]
-    # tie point at raster (2, 3): the top-left corner is 2 pixels left of and 3 above its map point
-    tied = georef.world_from_tags(geotiff_tags(tie=(2.0, 3.0, 500100.0, 2800200.0)))
-    assert tied == [0.5, 0.0, 0.0, -0.5, 500100 - 1.0 + 0.25, 2800200 + 1.5 - 0.25]
-    assert georef.world_from_tags(geotiff_tags(point=True))[4:] == [500000.0, 2800000.0]
-
-
-def test_gdal_no_data_float_and_32_bit_bands(tmp_path, tiny_run):
-    rng = np.random.default_rng(2)
-    for dtype in (np.float32, np.uint32):
-        values = (rng.random((24, 30, 3)) * 5e6).astype(dtype)
-        values[:5] = 0  # no data: every band 0
-        write_tiff(tmp_path / "x.tif", values)
-        raw = bytearray((tmp_path / "x.tif").read_bytes())  # add GDAL's no-data tag (ASCII "0")
-        tiff_with_nodata(tmp_path / "x.tif", raw)
-        s = scene.read_scene(tmp_path / "x.tif")
-        assert s["valid"] is not None and not s["valid"][:5].any() and s["valid"][5:].all()
-        for b in range(3):
-            ref = values[5:, :, b].astype(np.float64)
-            lo, hi = np.percentile(ref, [2, 98])
-            expected = np.clip((values[..., b] - lo) * 255 / (hi - lo), 0, 255).astype(int)
-            shown = bands.display(s["samples"], s["valid"])
-            assert np.abs(shown[5:, :, b].astype(int) - expected[5:]).max() <= 1 and not shown[:5].any()
-    out = tmp_path / "out"
-    assert predict.main(["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "x.tif"), "--out", str(out),
-                         "--device", "cpu", "--precision", "fp32"]) == 0
-    mask = np.array(Image.open(out / "x_mask.png"))
-    assert (mask[:5] == data.IGNORE).all() and (mask[5:] < 5).all()  # no data: no class
-
-
-def tiff_with_nodata(path, raw):
-    """Append GDAL's no-data tag (42113, ASCII '0') to the one image directory of a TIFF written by
-    write_tiff: the directory is rewritten at the end of the file with one entry more."""
-    ifd = struct.unpack("<I", raw[4:8])[0]
-    n = struct.unpack("<H", raw[ifd : ifd + 2])[0]
-    entries = [raw[ifd + 2 + 12 * k : ifd + 14 + 12 * k] for k in range(n)]
-    entries.append(struct.pack("<HHI", 42113, 2, 2) + b"0\0\0\0")
-    body = raw + b"\0" * (len(raw) % 2)
-    body[4:8] = struct.pack("<I", len(body))
-    Path(path).write_bytes(bytes(body) + struct.pack("<H", len(entries)) + b"".join(entries) + b"\0" * 4)
-
-
-READABLE = sorted(p.name[: -len(".expected.json")] for p in FIXTURES.glob("*.expected.json")
-                  if json.loads(p.read_text()).get("gdal_opens") and not p.name.startswith("hostile"))
-
-
-@pytest.mark.parametrize("name", READABLE)
-def test_field_files_are_read_as_gdal_reads_them(name):
-    """Every layout GDAL wrote (masks inside a TIFF, after a JPEG, in a .msk; NaN and infinity; float64;
-    MinIsBlack; LZW with both predictors; tiles; bands in planes; upper-case sidecars): the valid pixels
-    and each band's mean over them, against GDAL's own reading."""
     gdal = json.loads((FIXTURES / f"{name}.expected.json").read_text())
-    s = scene.read_scene(FIXTURES / name)
+    s = rasters.read_scene(FIXTURES / name)
     h, w, n = s["samples"].shape
-    assert (w, h, n) == (gdal["width"], gdal["height"], gdal["bands"])
+    alpha = sum(b["color_interp"] == "Alpha" for b in gdal.get("band", []))
+    palette = [b for b in gdal.get("band", []) if b["color_interp"] == "Palette"]
+    assert (w, h) == (gdal["width"], gdal["height"])
+    assert n == (3 if palette else 4 if name.endswith(".SAFE") else gdal["bands"] - alpha)  # S2: B4 B3 B2 B8
     assert np.isfinite(s["samples"]).all()  # no data never leaves a NaN for the network or the stretch
-    if n != 3 or s["samples"].dtype != np.uint8:  # every band count is said, two bands as much as thirteen
-        assert s["note"].startswith(f"{n} band(s) of {s['samples'].dtype}")
     valid = np.ones((h, w), bool) if s["valid"] is None else s["valid"]
-    if name == "ORTHO_0001.JPG":  # its no-data value is in .JPG.AUX.XML, which GDAL on Linux does not see
-        assert np.array_equal(valid, (s["samples"] != 0).any(-1)) and "no-data value 0" in s["note"]
-        assert s["geo"]["world"] == [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]  # from .JGW
-        assert s["geo"]["pixel_m2"] == 0.0625 and "UTM_Zone_40N" in s["geo"]["crs"]  # metres, from .PRJ
-        return
-    for b, band in enumerate(gdal["band"]):
-        assert valid.sum() == band["valid_pixels"] - band["nan_pixels"] - band["inf_pixels"]
-        assert s["samples"][..., b][valid].astype(np.float64).mean() == pytest.approx(band["mean"], rel=1e-9)
+    assert valid.sum() == gdal.get("dataset_valid_pixels", gdal["valid_pixels"]) - sum(
+        b["nan_pixels"] + b["inf_pixels"] for b in gdal.get("band", [])[:1])
+    jpeg = "JPEG" in gdal.get("image_structure", {}).get("COMPRESSION", "") or name.lower().endswith(".jpg")
+    for b, band in enumerate(gdal.get("band", [])[:n] if not palette else []):
+        mean = band["mean"] * (band.get("scale") or 1) + (band.get("offset") or 0)  # scale, offset applied
+        got = s["samples"][..., b][valid].astype(np.float64).mean()
+        assert got == (pytest.approx(mean, abs=0.5) if jpeg else pytest.approx(mean, rel=1e-6)), b  # libjpeg
+    if palette:  # a class map: its colour table says what each value shows
+        table = {int(k): tuple(v[:3]) for k, v in palette[0]["color_table"]["colors"].items()}
+        assert {tuple(c) for c in s["samples"][valid].reshape(-1, 3)} <= set(table.values())
+    if gdal.get("georeference") in ("gcps", "rpc"):  # on the map only once warped: a picture, said so
+        assert s["geo"] is None and "gdalwarp" in s["note"]
+    elif gdal.get("geotransform") and gdal["geotransform"] != [0, 1, 0, 0, 0, 1]:
+        c, a, b, f, d, e = gdal["geotransform"]
+        assert s["geo"]["world"] == pytest.approx([a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2])
+        expected = gdal.get("crs_wkt") or (gdal.get("prj") or {}).get("crs_wkt")  # a .prj, which we read
+        if gdal.get("epsg"):
+            assert CRS.from_wkt(s["geo"]["crs"]).to_epsg() == gdal["epsg"]
+        elif expected:
+            assert rasters.same_crs(s["geo"]["crs"], expected)
+    else:
+        assert s["geo"] is None
+
+
+@needs_gdal
+def test_the_crs_of_an_esri_prj_and_of_a_system_with_no_epsg_code_place_points_and_areas():
+    s = rasters.read_scene(FIXTURES / "ORTHO_0001.JPG")  # .JGW and an ESRI .PRJ, in upper case
+    assert s["geo"]["world"] == [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]
+    assert s["geo"]["pixel_m2"] == 0.0625
+    assert rasters.same_crs(s["geo"]["crs"], "EPSG:32640")
+    naip = rasters.read_scene(FIXTURES / "naip_like_rgbn_albers_no_epsg.tif")  # Albers, defined in the file
+    gdal = json.loads((FIXTURES / "naip_like_rgbn_albers_no_epsg.tif.expected.json").read_text())
+    a, e = naip["geo"]["world"][0], naip["geo"]["world"][3]
+    assert naip["geo"]["pixel_m2"] == pytest.approx(abs(a * e))  # metres, told by its system, no EPSG code
+    lon, lat = rasters.reproject(naip["geo"]["crs"], "EPSG:4326", [naip["geo"]["world"][4] - a / 2],
+                                 [naip["geo"]["world"][5] - e / 2], "test")
+    assert [lon[0], lat[0]] == pytest.approx(gdal["corners_lonlat"][0], abs=1e-7)  # its top-left corner
+
+
+def test_without_the_gis_extra_pillow_reads_8_bits_faithfully_and_names_what_it_cannot(monkeypatch):
+    monkeypatch.setattr(rasters, "gdal", lambda: None)  # as where rasterio is not installed
+    s = rasters.read_scene(FIXTURES / "scene_rgb.png")
+    gdal = json.loads((FIXTURES / "scene_rgb.png.expected.json").read_text())
+    assert [s["samples"][..., b].mean() for b in range(3)] == pytest.approx([b["mean"] for b in gdal["band"]])
+    assert s["geo"] is None and s["valid"] is None
+    jpeg = rasters.read_scene(FIXTURES / "ORTHO_0001.JPG")  # a world file: pixels placed, no system, no area
+    world = [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]
+    assert jpeg["geo"] == {"world": world, "crs": None, "pixel_m2": None}
+    assert "its .prj (coordinate system) is read with the GIS extra" in jpeg["note"]
+    refused = {"rgb16_12bit_data.png": "16-bit RGB PNG", "grey16.png": "16-bit grey PNG",
+               "multispectral_uint16_utm40n.tif": "GeoTIFF of 4 uint16 band",
+               "naip_like_rgbn_albers_no_epsg.tif": "GeoTIFF of 4 uint8 band.s., the last no alpha",
+               "float64_1band.tif": "of 1 float64",
+               "T40RCN_20230815T064629_B04_10m.jp2": "JPEG2000 image of mode I;16",
+               "envi_4band_float32.img": "cannot read image with Pillow",
+               "mosaic_tiles.vrt": "cannot read image with Pillow"}
+    for name, what in refused.items():
+        with pytest.raises(DataError, match=rf"{name}: .*{what}.*pip install -r requirements-gis.txt"):
+            rasters.read_scene(FIXTURES / name)
 
 
 def test_nan_and_infinity_are_no_data_and_the_stretch_ignores_them():
-    s = scene.read_scene(FIXTURES / "float32_3band_nan_inf.tif")
-    assert s["note"] == "3 band(s) of float32; no data: 2 pixels (NaN or infinite 2)"
+    if rasters.gdal() is None:
+        pytest.skip("a float32 TIFF is read through GDAL")
+    s = rasters.read_scene(FIXTURES / "float32_3band_nan_inf.tif")
+    assert s["note"] == "3 band(s) of float32; no data: 2 pixels"
     shown, valid = bands.display(s["samples"], s["valid"]), s["valid"]
     assert (shown[~valid] == 0).all() and shown[valid].std() > 20  # no data black, the rest not
     for b in range(3):  # each band stretched between percentiles of its finite samples
@@ -167,26 +119,100 @@ def test_nan_and_infinity_are_no_data_and_the_stretch_ignores_them():
         assert np.abs(shown[..., b][valid].astype(int) - ref).max() <= 1
 
 
-def test_sidecars_are_found_whatever_their_case(tiny_run, tmp_path):
-    for name in ["ORTHO_0001.JPG", "ORTHO_0001.JGW", "ORTHO_0001.PRJ"]:
-        (tmp_path / name).write_bytes((FIXTURES / name).read_bytes())
+def test_16_bit_single_band_and_many_bands_are_read_as_stored(tmp_path):
+    if rasters.gdal() is None:
+        pytest.skip("16-bit and 5-band TIFFs are read through GDAL")
+    values = np.random.default_rng(1).integers(1000, 52000, (30, 40)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "band.tif")
+    s = rasters.read_scene(tmp_path / "band.tif")
+    assert np.array_equal(s["samples"][..., 0], values) and s["note"] == "1 band(s) of uint16"
+    assert np.array_equal(bands.display(s["samples"], s["valid"]), np.stack([stretched(values)] * 3, -1))
+    five = np.random.default_rng(0).integers(0, 256, (37, 45, 5)).astype(np.uint8)
+    write_tiff(tmp_path / "five.tif", five, deflate=True, tile=16, planar=True)
+    s = rasters.read_scene(tmp_path / "five.tif")
+    assert np.array_equal(s["samples"], five) and s["note"] == "5 band(s) of uint8"  # every band, as stored
+    assert np.array_equal(bands.display(s["samples"], None, [4, 3, 2]), five[..., [3, 2, 1]])
+
+
+@needs_gdal
+def test_suggestions_and_samples_land_on_their_pixels_in_any_mix_of_systems(tiny_run, tmp_path, capsys):
+    """Scenes in two UTM zones, one in an Albers system with no EPSG code, one with an ESRI .prj and one
+    with no system: suggestions.geojson in longitude and latitude (RFC 7946), each point back on its pixel
+    when GDAL reads it; the scene with no system named in one line."""
+    names = ["utm39n_west_of_54e.tif", "utm40n_east_of_54e.tif", "naip_like_rgbn_albers_no_epsg.tif",
+             "ortho_utm39n.jpg", "ortho_utm39n.jgw", "ortho_utm39n.prj", "rgb_deflate_internal_mask.tif",
+             "scene_rgb.png"]
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(FIXTURES / name, folder / name)
+    (folder / "scene_rgb.pgw").write_text("1\n0\n0\n-1\n100.5\n200.5\n")  # a world file, no system
     out = tmp_path / "maps"
-    args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), "--out", str(out), "--precision", "fp32",
-            "--suggest", "2"]
-    assert predict.main(args + [str(tmp_path / "ORTHO_0001.JPG")]) == 0
-    world = (out / "ORTHO_0001_mask.pgw").read_text().split()
-    assert [float(v) for v in world] == [0.25, 0.0, 0.0, -0.25, 326500.125, 2787999.875]
-    assert (out / "ORTHO_0001_mask.prj").read_text() == (FIXTURES / "ORTHO_0001.PRJ").read_text()
+    argv = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(folder), "--out", str(out), "--precision", "fp32",
+            "--suggest", "3", "--bands", "1,2,3"]
+    assert predict.main(argv) == 0
+    assert re.search(r"suggestions.geojson: leaves out \S+scene_rgb.png: no coordinate system known",
+                     capsys.readouterr().out)
     doc = json.loads((out / "suggestions.geojson").read_text())
-    # the 48x32 map offers 1 or 2 places 32 pixels apart, by where the model doubts (which differs with
-    # the CPU's kernels): each on the map at its pixel's centre
-    assert 1 <= len(doc["features"]) == len(list(csv.DictReader(open(out / "suggestions.csv")))) <= 2
-    for feature in doc["features"]:
-        x, y = feature["properties"]["x"], feature["properties"]["y"]
-        assert feature["geometry"]["coordinates"] == [326500.125 + 0.25 * x, 2787999.875 - 0.25 * y]
-    areas = csv.DictReader(open(out / "areas.csv"))  # hectares of 0.25 m pixels, written to 4 decimals
-    assert all(float(r["hectares"]) == pytest.approx(int(r["pixels"]) * 0.0625 / 1e4, abs=6e-5)
-               for r in areas)
+    assert "crs" not in doc and {f["properties"]["image"].split("/")[-1] for f in doc["features"]} == {
+        "utm39n_west_of_54e.tif", "utm40n_east_of_54e.tif", "naip_like_rgbn_albers_no_epsg.tif",
+        "ortho_utm39n.jpg", "rgb_deflate_internal_mask.tif"}
+    for f in doc["features"]:
+        geo = rasters.image_info(folder / f["properties"]["image"].split("/")[-1])[1]
+        (x,), (y,) = rasters.reproject("EPSG:4326", geo["crs"], *zip(f["geometry"]["coordinates"]), "test")
+        col, row = rasters.map_to_pixel(geo["world"], x, y)
+        assert (col, row) == pytest.approx((f["properties"]["x"], f["properties"]["y"]), abs=1e-6)
+
+
+@needs_gdal
+def test_gps_points_land_in_the_zone_of_their_scene(tmp_path):
+    """GPS points (lon, lat) near 54 E, where two UTM zones meet: each lands on the pixel GDAL puts it on,
+    in the scene of its own zone."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    info = {}
+    for name in ["utm39n_west_of_54e.tif", "utm40n_east_of_54e.tif"]:
+        shutil.copy(FIXTURES / name, folder / name)
+        info[name] = rasters.image_info(folder / name)
+    rows, expected = ["lon,lat,class"], set()
+    for name, ((w, h), geo) in info.items():
+        for col, row in [(3, 4), (40, 20)]:
+            x, y = rasters.pixel_to_map(geo["world"], col, row)
+            (lon,), (lat,) = rasters.reproject(geo["crs"], "EPSG:4326", [x], [y], "test")
+            rows.append(f"{lon!r},{lat!r},Water")
+            expected.add((name, col, row))
+    (tmp_path / "gps.csv").write_text("\n".join(rows) + "\n")
+    from support import clicks
+
+    by_image, _ = clicks.read_clicks([tmp_path / "gps.csv"], info)
+    assert {(n, x, y) for n, points in by_image.items() for x, y, _ in points} == expected
+
+
+def test_folders_from_a_mac_and_names_in_any_unicode_form(tmp_path):
+    root = tmp_path / "set"
+    shutil.copytree(FIXTURES / "mac_folder", root / "mac")
+    shutil.copytree(FIXTURES / "unicode_nfd", root / "nfd")
+    found = [n for n, _, _ in layout.find_images(root)]
+    assert "mac/scene.tif" in found and not [n for n in found if "._" in n or "__MACOSX" in n]
+    nfd = json.loads((FIXTURES / "unicode_nfd.expected.json").read_text())
+    info = {n: ((1, 1), None) for n in found}
+    rows = list(csv.DictReader(open(root / "nfd" / "clicks.csv", encoding="utf-8")))
+    from support import clicks
+
+    find = clicks.image_finder(info)
+    for r in rows:  # written composed (NFC) in the clicks, decomposed (NFD) on the disk
+        assert find(r["image"], "test").startswith("nfd/") and nfd
+
+
+@needs_gdal
+def test_a_sentinel2_product_is_one_scene_of_its_10_m_bands(tiny_run, tmp_path):
+    safe = next(FIXTURES.glob("S2B_MSIL2A*.SAFE"))
+    shutil.copytree(safe, tmp_path / safe.name)
+    s = rasters.read_scene(tmp_path / safe.name / "MTD_MSIL2A.xml")
+    whole = rasters.read_scene(tmp_path / safe.name)
+    assert np.array_equal(s["samples"], whole["samples"]) and whole["samples"].shape[2] == 4
+    assert [n for n, _, _ in layout.find_images(tmp_path)] == [safe.name]  # its .jp2 bands are not scenes
+    assert rasters.same_crs(whole["geo"]["crs"], "EPSG:32640") and whole["geo"]["pixel_m2"] == 100
 
 
 def test_damaged_or_hostile_headers_are_one_line_and_the_other_images_are_mapped(tiny_run, tmp_path,
@@ -198,8 +224,8 @@ def test_damaged_or_hostile_headers_are_one_line_and_the_other_images_are_mapped
         "bomb.png": b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0))
         + chunk(b"IDAT", zlib.compress(b"\0" * 40001)) + chunk(b"IEND", b""),  # 40000x40000 in 118 bytes
-        **{n: (FIXTURES / n).read_bytes() for n in ["hostile_65535_samples.tif", "hostile_100000x100000.tif",
-                                                   "hostile_5band_strips_cover_16_of_64_rows.tif"]}}
+        **{n: (FIXTURES / n).read_bytes() for n in ["hostile_65535_samples.tif",
+                                                   "hostile_100000x100000.tif"]}}
     for name, raw in bombs.items():
         (tmp_path / name).write_bytes(raw)
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "good.png")
@@ -209,14 +235,27 @@ def test_damaged_or_hostile_headers_are_one_line_and_the_other_images_are_mapped
     said = capsys.readouterr().out.splitlines()
     for name in bombs:
         assert sum(line.startswith(f"skipped: {tmp_path / name}: ") for line in said) == 1
-    said = "\n".join(said)
-    assert "damaged TIFF: 1 blocks of pixels, its size needs 4" in said  # never uninitialised memory
-    assert "bomb.png: damaged or hostile header: 40000x40000 pixels of 1 band(s) cannot come out of" in said
-    assert (out / "good_mask.png").exists() and len(list(out.glob("*_mask.png"))) == 1
-    monkeypatch.setattr(scene, "MAX_MEGAPIXELS", 0.001)  # our own guard says how to raise it
+    assert (out / "good_mask.png").exists() and len(list(out.glob("*_mask.*"))) == 1
+    with pytest.raises(DataError, match="bomb.png: damaged or hostile header: 40000x40000 pixels of 1 band"):
+        rasters.read_scene(tmp_path / "bomb.png")  # what must be held whole is checked before it is read
+    monkeypatch.setattr(rasters, "MAX_MEGAPIXELS", 0.001)  # our own guard says how to raise it
     with pytest.raises(DataError, match=r"50x40 pixels .* past the limit of 0.001 MP.*MAX_MEGAPIXELS=1"):
-        scene.read_scene(tmp_path / "good.png")
-    monkeypatch.setattr(scene, "free_memory", lambda: 10**5)  # and refuses what the memory cannot hold
-    monkeypatch.setattr(scene, "MAX_MEGAPIXELS", 2000)
-    with pytest.raises(DataError, match="64x64 pixels of 4 band.s. need about 0 MB of memory, this machine"):
-        scene.read_scene(FIXTURES / "multispectral_uint16_utm40n.tif")
+        rasters.read_scene(tmp_path / "good.png")
+    monkeypatch.setattr(rasters, "free_memory", lambda: 10**4)  # and refuses what the memory cannot hold
+    monkeypatch.setattr(rasters, "MAX_MEGAPIXELS", 2000)
+    with pytest.raises(DataError, match="50x40 pixels of 3 band.s. need about 0 MB of memory, this machine"):
+        rasters.read_scene(tmp_path / "good.png")
+
+
+def test_a_run_on_images_pillow_cannot_read_faithfully_is_one_line_without_the_extra(tiny, tmp_path,
+                                                                                     monkeypatch, capsys):
+    root = tmp_path / "set"
+    shutil.copytree(tiny, root)
+    shutil.copy(FIXTURES / "rgb16_12bit_data.png", root / "Tile 1" / "images" / "deep.png")
+    monkeypatch.setattr(rasters, "gdal", lambda: None)
+    from support.cli import command_line
+    import train
+
+    assert command_line(train.main, tiny_args(root, tmp_path / "run")) == 2
+    assert re.fullmatch(r"error: .+deep.png: 16-bit RGB PNG, read through GDAL only: pip install -r "
+                        r"requirements-gis.txt\n", capsys.readouterr().err)

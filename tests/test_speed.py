@@ -2,17 +2,19 @@
 import copy
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import HERE
 from resnet_unet import ResNetUNet
 from support import speed
 from support.cli import DataError
-from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device, pick_dtype
-from support.speed import upsample_conv
+from support.speed import fold_batch_norm, fold_upsampling, pick_device, pick_dtype, upsample_conv
 
 
 def test_the_upsampling_folded_into_the_convolution_changes_no_output_nor_gradient():
@@ -112,14 +114,27 @@ def test_device_auto_prefers_cuda_then_mps(monkeypatch):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/maps").exists(),
                     reason="a setting of glibc's malloc, seen in Linux's memory maps")
 def test_freed_memory_is_kept_for_reuse():
-    def heap():  # (start, end) of the heap that malloc grows with brk
-        line = next(s for s in Path("/proc/self/maps").read_text().splitlines() if s.endswith("[heap]"))
-        return [int(a, 16) for a in line.split()[0].split("-")]
+    """In a fresh process, as train.py and predict.py start: a heap that other libraries loaded in the
+    test session (GDAL's) have not shaped."""
+    check = """if 1:
+        import sys
+        from pathlib import Path
+        import torch
+        from support.speed import keep_freed_memory
 
-    if not keep_freed_memory():
+        def heap():  # (start, end) of the heap that malloc grows with brk
+            line = next(s for s in Path("/proc/self/maps").read_text().splitlines() if s.endswith("[heap]"))
+            return [int(a, 16) for a in line.split()[0].split("-")]
+
+        if not keep_freed_memory():
+            sys.exit(3)
+        block = torch.ones(16 * 2**20)  # 64 MB: by default a mapping of its own, handed back when freed
+        start, end = heap()
+        assert start <= block.data_ptr() < end  # from the heap instead,
+        del block
+        assert heap()[1] >= end  # and the heap keeps it when it is freed
+    """
+    done = subprocess.run([sys.executable, "-c", check], cwd=HERE, capture_output=True, text=True)
+    if done.returncode == 3:
         pytest.skip("this glibc refused the mallopt settings (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)")
-    block = torch.ones(16 * 2**20)  # 64 MB: by default a mapping of its own, handed back when freed
-    start, end = heap()
-    assert start <= block.data_ptr() < end  # from the heap instead,
-    del block
-    assert heap()[1] >= end  # and the heap keeps it when it is freed
+    assert done.returncode == 0, done.stderr
