@@ -367,20 +367,22 @@ def write_suggestions(folder, rows, class_names, geos):
     """Suggested clicks -> suggestions.csv, and suggestions.geojson when images are georeferenced.
 
     rows: (image as given, x, y, predicted class, margin). The class is left empty for a person to
-    fill in, with the model's guess beside it as `hint`: --point-labels skips clicks without one.
+    fill in, with the model's guess beside it as `hint`: --point-labels skips clicks without one. The
+    margin in 2 significant digits: a suggestion sits on a class boundary, where it is near 0 (3.1e-05),
+    and 0 is a tie (bf16 logits round two classes to one value), which 4 decimals would not tell apart.
     """
     folder = Path(folder)
     written = [folder / "suggestions.csv"]
     with open(written[0], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class", "hint", "margin"])
-        w.writerows([image, x, y, "", class_names[c], f"{m:.4f}"] for image, x, y, c, m in rows)
+        w.writerows([image, x, y, "", class_names[c], f"{m:.2g}"] for image, x, y, c, m in rows)
     features = []
     for image, x, y, c, m in rows:
         if geos.get(image):
             mx, my = georef.pixel_to_map(geos[image]["world"], x, y)
             properties = {"image": image, "x": x, "y": y, "class": "", "hint": class_names[c],
-                          "margin": round(m, 4)}
+                          "margin": float(f"{m:.2g}")}
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [mx, my]},
                              "properties": properties})
     if features:
