@@ -233,7 +233,7 @@ def read_classes(given, root, written):
         names = sorted({n.strip() for n in given.split(",") if n.strip()})
         if not names:
             raise DataError(f"--classes {given!r}: no class name (a classes.json, or names: Water,Land,...)")
-        return names, layout.default_colours(len(names))
+        return names, layout.default_colours(names)
     if given:
         if not Path(given).is_file():
             raise DataError(f"--classes {given}: no such file (a classes.json, or names: Water,Land,...)")
@@ -242,7 +242,7 @@ def read_classes(given, root, written):
     found = layout.read_classes(root, required=False)
     if found is None and not names:
         raise DataError(f"{root}: no classes.json and no clicks yet: give --classes Water,Land,Road,...")
-    return found or (names, layout.default_colours(len(names)))
+    return found or (names, layout.default_colours(names))
 
 
 class Handler(BaseHTTPRequestHandler):
