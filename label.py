@@ -3,10 +3,10 @@ saved at once; with a checkpoint, the model's map over the image and where it su
 
     python label.py DIR --points clicks.csv [--classes classes.json] [--ckpt runs/x/ckpt.pt] [--port 8000]
 
-The page is label.html. This server gives it the images of DIR (large ones downsampled), the clicks,
-and writes the clicks file whole after each change: a temporary file, then a rename. A stroke is
-consecutive rows sharing a number in a 'stroke' column. A clicks file with a 'sample' column (assess.py's)
-opens in blind mode: its points one by one, never the map, no stroke.
+The page is label.html with its script, label.js. This server gives it the images of DIR (large ones
+downsampled), the clicks, and writes the clicks file whole after each change: a temporary file, then a
+rename. A stroke is consecutive rows sharing a number in a 'stroke' column. A clicks file with a 'sample'
+column (assess.py's) opens in blind mode: its points one by one, never the map, no stroke.
 """
 import argparse
 import errno
@@ -32,6 +32,12 @@ from support.label_file import number, read_points, write_back
 from support.speed import fold_batch_norm, fold_upsampling, pick_dtype
 
 PAGE = Path(__file__).parent / "support" / "label.html"
+SCRIPT = PAGE.with_suffix(".js")  # the page's script, a file of its own: the policy below runs no inline one
+# what the page may do (Content-Security-Policy): run this server's script and nothing else (no inline
+# script or handler, so a name that reached the page as HTML would run nothing), talk to this server only,
+# and never show inside another site's page
+POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' data:; "
+          "style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SHOWN = 2048  # longest side of an image as the page shows it; clicks still land on full-image pixels
 VERTICES = 10_000  # most vertices of one stroke: 20,000 image pixels long at one every 2 pixels
 
@@ -246,8 +252,9 @@ def read_classes(given, root, written):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET /, /state, /image/I, /map/I, /suggestions/I; POST /change, from this server's page only (else
-    a 403). No such page: 404, a bad request: 400, a change the disk refuses: 507; one log line each."""
+    """GET /, /label.js, /state, /image/I, /map/I, /suggestions/I; POST /change, from this server's page
+    only (else a 403). No such page: 404, a bad request: 400, a change the disk refuses: 507; one log
+    line each."""
     timeout = 60  # a client that stops sending mid-request frees its thread
 
     def do_GET(self):
@@ -257,6 +264,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if parts == [""]:
                 return self.reply(PAGE.read_bytes(), "text/html; charset=utf-8")
+            if parts == ["label.js"]:
+                return self.reply(SCRIPT.read_bytes(), "text/javascript; charset=utf-8")
             if parts == ["state"]:
                 return self.reply(json.dumps(labels.state()).encode(), "application/json")
             i = number(parts[1]) if len(parts) == 2 else None
@@ -298,6 +307,10 @@ class Handler(BaseHTTPRequestHandler):
         if why:
             self.send_error(403, f"refused: {why}")
         return why is None
+
+    def end_headers(self):  # every answer, an error page too, carries the page's policy
+        self.send_header("Content-Security-Policy", POLICY)
+        super().end_headers()
 
     def reply(self, body, kind):
         self.send_response(200)

