@@ -82,6 +82,10 @@ def class_of(record, field, where):
     raise DataError(f"{where}: no class ({fields}{'' if field else '; --class-field names another'})")
 
 
+# a field may be long (a WKT polygon passes csv's default limit of 131,072 characters): read it whole
+csv.field_size_limit(2**31 - 1)
+
+
 def read_table(path):
     """A CSV as programs write it -> (rows as dicts with lower-case column names, its separator): UTF-8
     with or without a byte-order mark (Excel's "CSV UTF-8"), or UTF-16 (Excel's "Unicode text"); commas,

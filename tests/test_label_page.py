@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 import label
-from support import clicks, label_guard, layout, scene
+from support import clicks, label_file, label_guard, layout, scene
 from support.cli import DataError
 from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
 
@@ -106,7 +107,7 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     # a click on a point removes it; a new server (a reload) shows what was saved
     change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5})
     again = label.Labels(server.labels.root, points, None, None, 3)
-    assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows]
+    assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows if r]
     named = label.Labels(server.labels.root, tmp_path / "new.csv", "Water, Land,Road", None, 3)
     assert named.names == ["Land", "Road", "Water"] and named.clicks() == []  # sorted, as train.py sorts them
 
@@ -322,6 +323,93 @@ def test_label_blind_mode_shows_and_takes_the_sample_points_only(label_server, t
         assert sample.read_bytes() == text.encode()
         assert change(base, server, {"image": "square.jpg", "x": 3, "y": 4, "class": "Road"}) == 200
     assert sample.read_bytes() == text.replace(",3,4,,2", ",3,4,Road,2").encode()
+
+
+def test_label_servers_on_one_file_keep_each_others_rows(label_server):
+    base, points, server = label_server
+    other = label.Labels(server.labels.root, points, None, None, 3)  # a second label.py on the same file
+
+    def clicks_of(labels, x):
+        for y in range(15):
+            labels.change({"image": "square.jpg", "x": x, "y": y, "class": "Water"})
+
+    both = [threading.Thread(target=clicks_of, args=pair) for pair in [(server.labels, 1), (other, 2)]]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    with open(points, "a") as f:  # a person adds a row by hand: the next click keeps it
+        f.write("sub/wide.png,9,9,Road\n")
+    assert change(base, server, {"image": "sub/wide.png", "x": 1, "y": 1, "class": "Water"}) == 200
+    rows = list(csv.reader(open(points)))[1:]
+    assert len(rows) == 32 and {(r[1], r[2]) for r in rows[:30]} == {(str(x), str(y)) for x in (1, 2)
+                                                                     for y in range(15)}
+    assert rows[30:] == [["sub/wide.png", "9", "9", "Road"], ["sub/wide.png", "1", "1", "Water"]]
+    # a page that has not seen them gets them all; one that has, what its change made
+    assert "state" in label_saved(base, server, {"image": "square.jpg", "x": 7, "y": 7})
+    seen = json.loads(request(base + "/state")[1])["version"]
+    road = {"image": "square.jpg", "x": 7, "y": 7, "class": "Road"}
+    assert label_saved(base, server, road | {"version": seen}) == {"clicks": [road], "version": seen + 1}
+    # a hand edit the page cannot read: a 409 with its reason, and the file as the person left it
+    with open(points, "a") as f:
+        f.write("square.jpg,3,3,Lava\n")
+    text = points.read_text()
+    assert change(base, server, {"image": "square.jpg", "x": 4, "y": 4, "class": "Water"}) == 409
+    assert points.read_text() == text
+
+
+def label_saved(base, server, click):
+    """POST a change as the page does -> what the server answers (JSON)."""
+    page = {"Content-Type": "application/json", "X-Token": server.token}
+    status, body = request(base + "/change", json.dumps(click).encode(), page)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_label_server_checks_each_click_against_the_image_as_it_is_now(label_server, capsys):
+    base, points, server = label_server
+    wide = server.labels.root / "sub" / "wide.png"
+    Image.new("RGB", (45, 30)).save(wide)  # re-exported smaller while the page is open
+    capsys.readouterr()
+    assert change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}) == 400
+    assert change(base, server, {"image": "sub/wide.png", "x": 40, "y": 5, "class": "Road"}) == 200
+    wide.unlink()  # gone: one line, nothing written
+    assert change(base, server, {"image": "sub/wide.png", "x": 41, "y": 5, "class": "Road"}) == 409
+    log = capsys.readouterr().err.splitlines()
+    assert "(80, 5) is outside sub/wide.png (45x30)" in log[0] and "409, message not saved: " in log[2]
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,40,5,Road\n"
+
+
+def test_label_server_saves_a_click_without_going_through_every_row(label_server, tmp_path, monkeypatch):
+    root = label_server[2].labels.root
+    big = tmp_path / "big.csv"  # 50,000 rows: making each again in Python takes a tenth of a second
+    big.write_text("image,x,y,class\n" + "".join(f"square.jpg,{i % 96},{i // 96 % 96},Water\n"
+                                                 for i in range(50_000)))
+    labels = label.Labels(root, big, None, None, 3)
+    monkeypatch.setattr(os, "fsync", lambda handle: None)  # the disk's time is not the code's
+    took = []
+    for x in range(5):  # as the page sends them: with the version of the clicks it shows
+        start = time.perf_counter()
+        road = {"image": "sub/wide.png", "x": x, "y": 0, "class": "Road"}
+        saved = labels.change(road | {"version": labels.version})
+        took.append(time.perf_counter() - start)
+        assert saved["clicks"] == [road]
+    assert sorted(took)[2] < 0.02, took
+    text = big.read_text().splitlines()
+    assert len(text) == 50_006 and text[-1] == "sub/wide.png,4,0,Road" and text[1] == "square.jpg,0,0,Water"
+    monkeypatch.setattr(label_file, "ROWS", 10_000)  # past the limit: one line saying what to do
+    with pytest.raises(DataError, match="50,005 rows, and the page opens 10,000 at most: click into a new"):
+        label.Labels(root, big, None, None, 3)
+
+
+def test_label_server_reads_and_writes_back_a_field_of_any_length(label_server):
+    root, points = label_server[2].labels.root, label_server[1]
+    wkt = "POLYGON ((" + ", ".join(f"{i} {i}" for i in range(15_770)) + "))"  # 166,520 characters
+    points.write_text(f'image,x,y,class,wkt\nsquare.jpg,1,2,Water,"{wkt}"\n')
+    labels = label.Labels(root, points, None, None, 3)
+    labels.change({"image": "square.jpg", "x": 3, "y": 4, "class": "Road"})
+    assert points.read_text() == f'image,x,y,class,wkt\nsquare.jpg,1,2,Water,"{wkt}"\nsquare.jpg,3,4,Road,\n'
+    assert clicks.read_table(points)[0][0]["wkt"] == wkt  # and train.py's reader
 
 
 def chromium_missing():
@@ -566,3 +654,26 @@ def test_label_page_in_a_browser_shows_names_as_text_and_runs_no_other_script(ch
         assert any("Content Security Policy" in line for line in said)
         page.close()
     assert asked and all(url.startswith(base + "/") for url in asked)  # nothing left for another site
+
+
+def test_label_page_in_a_browser_keeps_what_another_page_or_a_person_wrote(chromium, label_server):
+    base, points, server = label_server
+    with serving(server.labels.root, "--points", points) as (other, second):  # a second label.py, same file
+        pages = [open_label_page(chromium, f"{address}/#token={s.token}", image=1)
+                 for address, s in [(base, server), (other, second)]]
+        box = pages[0].locator("canvas").bounding_box()
+        scale = box["width"] / 90  # CSS pixels per image pixel of sub/wide.png, 90x60
+        for k in range(6):  # one page, the other, in turn: 6 clicks made
+            page, x = pages[k % 2], 10 * k + 5
+            page.mouse.click(box["x"] + (x + 0.5) * scale, box["y"] + 20.5 * scale)
+            page.wait_for_function(f"S.clicks.some(c => c.x === {x})")
+        assert len(list(csv.reader(open(points)))) == 1 + 6  # 6 kept
+        assert pages[1].evaluate("S.clicks.length") == 6  # and the page shows them: the other's too
+        with open(points, "a") as f:  # a person adds a row by hand
+            f.write("square.jpg,1,1,Water\n")
+        pages[0].mouse.click(box["x"] + 80.5 * scale, box["y"] + 40.5 * scale)
+        pages[0].wait_for_function("S.clicks.length === 8")
+        rows = list(csv.reader(open(points)))[1:]
+        assert rows[6:] == [["square.jpg", "1", "1", "Water"], ["sub/wide.png", "80", "40", "Water"]]
+        for page in pages:
+            page.close()
