@@ -1,7 +1,7 @@
 """A page to click points and draw strokes on your images: the labels train.py --point-labels reads,
 saved at once; with a checkpoint, the model's map over the image and where it suggests clicking next.
 
-    python label.py DIR --points clicks.csv [--classes classes.json] [--ckpt runs/x/ckpt.pt] [--port 8000]
+    python label.py DIR --labels clicks.csv [--classes Water,Land,Road] [--ckpt runs/x/ckpt.pt] [--port 8000]
 
 The page is label.html with its script, label.js. This server gives it the images of DIR (large ones
 downsampled), the clicks, and writes the clicks file whole after each change: a temporary file, then a
@@ -56,7 +56,14 @@ class Labels:
 
     def __init__(self, root, file, classes, ckpt, suggest, show=None):
         self.root, self.file, self.suggest = Path(root), Path(file), suggest
-        self.files = [(n, p) for n, p, _ in layout.find_images(root)]
+        self.files = []
+        for name, path, _ in layout.find_images(root):
+            if utf8(name):
+                self.files.append((name, path))
+            else:  # its clicks could not be written: a clicks file is UTF-8 text
+                print(f"left out: {str(path)!r}: its name is not UTF-8: rename it to label it")
+        if not self.files:
+            raise DataError(f"{root}: no image whose name is UTF-8")
         self.path = dict(self.files)
         self.info = {n: scene.image_info(p) for n, p in self.files}
         read = read_points(self.file, self.info)
@@ -64,11 +71,11 @@ class Labels:
         if self.blind and not read[1]:
             raise DataError(f"{self.file}: a 'sample' column (blind labelling) but no point")
         written = {r[3][read[0].index("class")] for r in read[1]}
-        self.names, self.colours = read_classes(classes, self.root, written)
+        self.names, self.colours, self.new = read_classes(classes, self.root, self.file, written)
         self.known = {n: n for n in ["", *self.names]}  # each class one string, shared by its rows
         self.version = 0  # of the clicks in memory: one more at each change, and each reading of the file
         self.load(read)  # every class one of these, every sample a number, every stroke whole, or one line
-        self.lock, self.model_lock, self.cache = threading.Lock(), threading.Lock(), {}
+        self.lock, self.model_lock, self.picture, self.maps = threading.Lock(), threading.Lock(), None, {}
         self.model, self.meta, self.show = None, None, show
         if ckpt and self.blind:
             print(f"--ckpt {ckpt} ignored: {self.file} has a 'sample' column (blind labelling: the person "
@@ -228,29 +235,30 @@ class Labels:
 
     def shown(self, i):
         """Image i as the page shows it: JPEG bytes, its longest side at most SHOWN."""
-        if ("image", i) not in self.cache:
+        if self.picture is None or self.picture[0] != i:
             s = scene.read_scene(self.files[i][1])
             picture = Image.fromarray(display(s["samples"], s["valid"], self.show))
             picture.thumbnail((SHOWN, SHOWN))
-            self.cache = {("image", i): encoded(picture, "JPEG")}  # one image at a time: scenes can be large
-        return self.cache[("image", i)]
+            self.picture = (i, encoded(picture, "JPEG"))  # one image at a time: scenes can be large
+        return self.picture[1]
 
     def mapped(self, i):
-        """The model's map of image i (PNG bytes, as the page shows it) and its suggested next clicks."""
-        if ("map", i) not in self.cache:
-            with self.model_lock:  # one map at a time: each takes every core
+        """The model's map of image i (PNG bytes, as the page shows it) and its suggested next clicks: made
+        once per image (the page asks for both at once), and kept."""
+        with self.model_lock:  # one map at a time: each takes every core
+            if i not in self.maps:
                 s = scene.read_scene(self.files[i][1])
                 image, norm = model_input(s, self.meta)
                 logits_of = partial(predict.sliding_window, self.model, dtype=self.dtype, norm=norm)
                 pred, margin = maps.map_in_blocks(logits_of, image, margin=True)
-            if s["valid"] is not None:
-                margin[~s["valid"]] = np.inf
-            picture = maps.colourize(pred, self.colours)
-            picture.thumbnail((SHOWN, SHOWN), Image.NEAREST)
-            near = predict.suggest_clicks(margin.astype(np.float32), self.suggest)
-            hints = [{"x": x, "y": y, "hint": self.names[pred[y, x]]} for x, y in near]
-            self.cache[("map", i)] = (encoded(picture, "PNG"), hints)
-        return self.cache[("map", i)]
+                if s["valid"] is not None:
+                    margin[~s["valid"]] = np.inf
+                picture = maps.colourize(pred, self.colours)
+                picture.thumbnail((SHOWN, SHOWN), Image.NEAREST)
+                near = predict.suggest_clicks(margin.astype(np.float32), self.suggest)
+                hints = [{"x": x, "y": y, "hint": self.names[pred[y, x]]} for x, y in near]
+                self.maps[i] = (encoded(picture, "PNG"), hints)  # small: every image's is kept
+        return self.maps[i]
 
     def state(self):
         colours = ["#%02X%02X%02X" % tuple(c) for c in self.colours]
@@ -268,30 +276,42 @@ def encoded(picture, kind):
     return buffer.getvalue()
 
 
-def read_classes(given, root, written):
-    """--classes as a classes.json or as names 'Water,Land,...'; else ROOT/classes.json; else the
-    classes written in the clicks file -> (names, colours). Names are sorted, as train.py sorts the
-    classes it finds in clicks, so keys, colours and the trained model agree each time the page starts."""
-    if given and not given.endswith(".json"):
-        names = sorted({n.strip() for n in given.split(",") if n.strip()})
-        if not names:
-            raise DataError(f"--classes {given!r}: no class name (a classes.json, or names: Water,Land,...)")
-        return names, layout.default_colours(names)
-    if given:
+def utf8(name):
+    """Whether a file name is UTF-8 (one that is not holds escapes, os.fsdecode's way, which none encodes)."""
+    return name == name.encode(errors="replace").decode()
+
+
+def read_classes(given, root, file, written):
+    """--classes as a classes.json or as names 'Water,Land,...' (keys 1, 2, ... in that order); else
+    classes.json beside the clicks file, else ROOT/classes.json, else the classes written in the clicks
+    file, sorted as train.py sorts them -> (names, colours, where to save them: beside the clicks file, when
+    --classes names them and no classes.json is there, so that the next label.py and train.py need none)."""
+    if given and given.endswith(".json"):
         if not Path(given).is_file():
             raise DataError(f"--classes {given}: no such file (a classes.json, or names: Water,Land,...)")
-        return layout.read_classes(given)
+        return (*layout.read_classes(given), None)
+    beside = file.parent / "classes.json"
+    where = beside if beside.exists() else root / "classes.json"
+    found = layout.read_classes(where, required=False)
+    if given:
+        names = list(dict.fromkeys(n.strip() for n in given.split(",") if n.strip()))  # as given, once each
+        if not names:
+            raise DataError(f"--classes {given!r}: no class name (a classes.json, or names: Water,Land,...)")
+        if found and found[0] != names:
+            raise DataError(f"--classes {given}: {where} names others ({', '.join(found[0])}): leave "
+                            "--classes out, or edit or remove that file")
+        return (*found, None) if found else (names, layout.default_colours(names), beside)
     names = sorted({w.strip() for w in written} - {""})
-    found = layout.read_classes(root, required=False)
     if found is None and not names:
         raise DataError(f"{root}: no classes.json and no clicks yet: give --classes Water,Land,Road,...")
-    return found or (names, layout.default_colours(names))
+    return (*found, None) if found else (names, layout.default_colours(names), None)
 
 
 class Handler(BaseHTTPRequestHandler):
     """GET /, /label.js, /state, /image/I, /map/I, /suggestions/I; POST /change, from this server's page
-    only (else a 403). No such page: 404, a bad request: 400, a file on disk that is no longer readable:
-    409, a change the disk refuses: 507; one log line each."""
+    only (else a 403). No such page: 404, a bad request: 400, an image that cannot be read or held in
+    memory: 422, a file on disk that is no longer readable: 409, a change the disk refuses: 507; one log
+    line each."""
     timeout = 60  # a client that stops sending mid-request frees its thread
 
     def do_GET(self):
@@ -314,7 +334,11 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(picture, "image/png") if parts[0] == "map" else \
                     self.reply(json.dumps(hints).encode(), "application/json")
         except DataError as e:  # an image of the folder that cannot be read
-            return self.send_error(500, str(e))
+            return self.send_error(422, str(e))
+        except MemoryError:  # a header that declares more pixels than this machine holds: this image only
+            (w, h), _ = labels.info[labels.files[i][0]] if known else ((0, 0), None)
+            where = labels.files[i][1] if known else self.path
+            return self.send_error(422, f"{where}: {w}x{h} pixels, more than the memory free")
         self.send_error(404, "no such page or image")
 
     def do_POST(self):
@@ -373,13 +397,19 @@ def serve(args):
     if args.suggest < 0:
         raise DataError(f"--suggest {args.suggest}: a number of clicks per image, 0 or more")
     show = band_list(args.show_bands, "--show-bands", counts=(1, 3)) if args.show_bands else None
-    labels = Labels(args.dir, args.points, args.classes, args.ckpt, args.suggest, show)
-    check_writable(Path(args.points).resolve().parent, "--points")
+    labels = Labels(args.dir, args.labels, args.classes, args.ckpt, args.suggest, show)
+    check_writable(Path(args.labels).resolve().parent, "--labels")
     try:
         server = ThreadingHTTPServer((args.host, args.port), Handler)
     except (OSError, OverflowError) as e:  # in use, no such address, a port past 65535
         raise DataError(f"--host {args.host} --port {args.port}: cannot listen there ({e})")
-    Path(args.points).resolve().parent.mkdir(parents=True, exist_ok=True)  # every input checked
+    Path(args.labels).resolve().parent.mkdir(parents=True, exist_ok=True)  # every input checked
+    if labels.new:  # --classes named them: kept beside the clicks, for the next label.py and train.py
+        classes = [{"title": n, "color": "#%02X%02X%02X" % tuple(c)}
+                   for n, c in zip(labels.names, labels.colours)]
+        with open(labels.new, "x") as f:  # "x": never over a file, nor through a link planted there
+            json.dump({"classes": classes}, f, indent=1)
+        print(f"classes {', '.join(labels.names)} (keys 1 to {len(labels.names)}) -> {labels.new}")
     server.labels = labels
     if not label_guard.listen_on(server, args.host, secrets.token_urlsafe()):  # a new token each start
         print(f"warning: --host {args.host}: anyone who can reach port {server.server_address[1]} can read "
@@ -392,10 +422,13 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="A page to click points and draw strokes on your images for "
                                 "train.py.")
     p.add_argument("dir", help="the folder of images (as train.py --data reads it)")
-    p.add_argument("--points", required=True, help="the clicks file (CSV image,x,y,class[,stroke,...]): read "
-                   "at start, written back whole at each change; with a 'sample' column, blind labelling")
-    p.add_argument("--classes", help="a classes.json, or class names: Water,Land,Road (sorted; default: "
-                   "DIR/classes.json, else the classes of the clicks file)")
+    p.add_argument("--point-labels", "--labels", "--points", dest="labels", required=True, metavar="FILE",
+                   help="the clicks file, as train.py --point-labels reads it (CSV image,x,y,class[,stroke,"
+                   "...]): read at start, written back whole at each change; with a 'sample' column, blind "
+                   "labelling")
+    p.add_argument("--classes", help="a classes.json, or class names in key order: Water,Land,Road (then "
+                   "saved as classes.json beside the clicks file; default: classes.json there, else "
+                   "DIR/classes.json, else the classes of the clicks file, sorted)")
     p.add_argument("--ckpt", help="a checkpoint of train.py: its map (key m) and where to click next")
     p.add_argument("--suggest", type=int, default=10, help="suggested clicks per image, with --ckpt "
                    "(default: %(default)s)")

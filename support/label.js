@@ -190,6 +190,10 @@ function show(i) {
   down = null;  // a stroke being drawn ends with its image
   picture = new Image();
   picture.onload = fit;
+  picture.onerror = () => fetch(picture.src).then(r => {  // the server's reason: an image it cannot read
+    const status = document.getElementById("status");
+    if (!r.ok) status.textContent = `image ${cur + 1}: ${r.status} ${r.statusText}`;
+  });
   picture.src = `/image/${cur}`;
   if (S.model) {
     const o = new Image(), asked = cur;

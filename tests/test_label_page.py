@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 import label
-from support import clicks, label_file, label_guard, layout, scene
+import train
+from support import clicks, label_file, label_guard, layout, maps, scene
 from support.cli import DataError
 from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
 
@@ -65,7 +66,7 @@ def change(base, server, click, **headers):
     return request(base + "/change", json.dumps(click).encode(), {**page, **headers})[0]
 
 
-def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_path, capsys):
+def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, capsys):
     base, points, server = label_server
     state = json.loads(request(base + "/state")[1])
     assert [i["name"] for i in state["images"]] == ["square.jpg", "sub/wide.png"]
@@ -108,8 +109,6 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5})
     again = label.Labels(server.labels.root, points, None, None, 3)
     assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows if r]
-    named = label.Labels(server.labels.root, tmp_path / "new.csv", "Water, Land,Road", None, 3)
-    assert named.names == ["Land", "Road", "Water"] and named.clicks() == []  # sorted, as train.py sorts them
 
 
 def test_label_server_saves_checks_and_removes_strokes(label_server, tmp_path, capsys):
@@ -412,6 +411,71 @@ def test_label_server_reads_and_writes_back_a_field_of_any_length(label_server):
     assert clicks.read_table(points)[0][0]["wkt"] == wkt  # and train.py's reader
 
 
+def test_label_server_answers_huge_images_and_odd_names_in_one_line(label_server, monkeypatch, capsys):
+    base, points, server = label_server
+    root = server.labels.root
+
+    def too_large(path):  # what a header declaring 30000x30000 pixels ends in, where memory is short
+        raise MemoryError()
+
+    monkeypatch.setattr(scene, "read_scene", too_large)
+    capsys.readouterr()
+    assert request(base + "/image/0")[0] == 422 and request(base + "/state")[0] == 200  # and still serving
+    assert "422, message " in capsys.readouterr().err.splitlines()[0]
+    monkeypatch.undo()
+    # an image whose name is not UTF-8: left out, in one line (a clicks file could not name it)
+    Image.new("RGB", (8, 8)).save(root / os.fsdecode(b"caf\xe9.png"))
+    labels = label.Labels(root, points, None, None, 3)
+    assert [n for n, _ in labels.files] == ["square.jpg", "sub/wide.png"]
+    assert capsys.readouterr().out.count("its name is not UTF-8: rename it") == 1
+
+
+def test_label_server_maps_each_image_once(label_server, tiny_run, tmp_path, monkeypatch):
+    root, passes, mapped = label_server[2].labels.root, [], maps.map_in_blocks
+    monkeypatch.setattr(maps, "map_in_blocks", lambda *a, **k: passes.append(1) or mapped(*a, **k))
+    with serving(root, "--labels", tmp_path / "new.csv", "--ckpt", tiny_run[1] / "ckpt.pt") as (base, server):
+        for i in [0, 1, 0, 1]:  # an image, the next, back: the page asks for map and suggestions at once
+            asked = [threading.Thread(target=request, args=(f"{base}/{what}/{i}",))
+                     for what in ("image", "map", "suggestions")]
+            for t in asked:
+                t.start()
+            for t in asked:
+                t.join()
+        assert len(json.loads(request(base + "/suggestions/1")[1])) > 0
+    assert len(passes) == 2
+
+
+def test_label_classes_keep_the_order_given_saved_beside_the_clicks_for_train(tmp_path, capsys):
+    root, points = tmp_path / "photos", tmp_path / "work" / "clicks.csv"
+    root.mkdir()
+    Image.new("RGB", (40, 30)).save(root / "a.png")
+    names = ["Water", "Land", "Road", "Building", "Vegetation"]
+    with serving(root, "--labels", points, "--classes", ",".join(names)) as (base, server):
+        state = json.loads(request(base + "/state")[1])
+        assert change(base, server, {"image": "a.png", "x": 1, "y": 1, "class": "Road"}) == 200
+    assert [c["name"] for c in state["classes"]] == names  # key 1 is Water
+    # the usual colours: water blue, bare land tan, roads grey, buildings red, vegetation green
+    colours = ["#1F77B4", "#D2B48C", "#7F7F7F", "#D62728", "#2CA02C"]
+    assert [c["colour"] for c in state["classes"]] == colours
+    assert f"-> {points.parent / 'classes.json'}" in capsys.readouterr().out
+    rgb = [layout.hex_to_rgb(h) for h in colours]
+    assert layout.read_classes(points.parent) == (names, rgb)
+    # the next start needs no --classes, takes the same again, and refuses others in one line
+    for given in [None, ",".join(names)]:
+        labels = label.Labels(root, points, given, None, 3)
+        assert (labels.names, labels.colours) == (names, rgb)
+    with pytest.raises(DataError, match="classes.json names others .* leave --classes out"):
+        label.Labels(root, points, "Land,Water", None, 3)
+    # train.py from these clicks, with no ROOT/classes.json: the page's order and colours
+    run = layout.run_data(train.get_args(["--data", str(root), "--point-labels", str(points)]), root)
+    assert (run["classes"], run["colours"]) == (names, rgb) and run["points"] == [(0, 1, 1, 2)]
+
+
+def test_label_takes_the_clicks_file_by_train_flag_name():
+    for flag in ["--point-labels", "--labels", "--points"]:  # train.py's names; --points as before
+        assert label.get_args(["photos", flag, "clicks.csv"]).labels == "clicks.csv"
+
+
 def chromium_missing():
     return importlib.util.find_spec("playwright") is None or not Path("/usr/bin/chromium").exists()
 
@@ -628,7 +692,7 @@ def test_label_page_in_a_browser_shows_names_as_text_and_runs_no_other_script(ch
     classes = [{"title": HOSTILE, "color": "#FF0000"}, {"title": "Road", "color": "#808080"}]
     (root / "classes.json").write_text(json.dumps({"classes": classes}))
     points = tmp_path / "clicks.csv"
-    with serving(root, "--points", points) as (base, server):
+    with serving(root, "--labels", points) as (base, server):
         with urllib.request.urlopen(base + "/", timeout=30) as r:
             policy = r.headers["Content-Security-Policy"]
         assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy
@@ -658,7 +722,7 @@ def test_label_page_in_a_browser_shows_names_as_text_and_runs_no_other_script(ch
 
 def test_label_page_in_a_browser_keeps_what_another_page_or_a_person_wrote(chromium, label_server):
     base, points, server = label_server
-    with serving(server.labels.root, "--points", points) as (other, second):  # a second label.py, same file
+    with serving(server.labels.root, "--labels", points) as (other, second):  # a second label.py, same file
         pages = [open_label_page(chromium, f"{address}/#token={s.token}", image=1)
                  for address, s in [(base, server), (other, second)]]
         box = pages[0].locator("canvas").bounding_box()
@@ -677,3 +741,17 @@ def test_label_page_in_a_browser_keeps_what_another_page_or_a_person_wrote(chrom
         assert rows[6:] == [["square.jpg", "1", "1", "Water"], ["sub/wide.png", "80", "40", "Water"]]
         for page in pages:
             page.close()
+
+
+def test_label_page_in_a_browser_says_why_an_image_cannot_be_shown(chromium, label_server, monkeypatch):
+    base, points, server = label_server
+
+    def too_large(path):  # what a header declaring 30000x30000 pixels ends in, where memory is short
+        raise MemoryError()
+
+    monkeypatch.setattr(scene, "read_scene", too_large)
+    page = chromium.new_page()
+    page.goto(f"{base}/#token={server.token}")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('image 1: 422 ')")
+    assert "96x96 pixels, more than the memory free" in page.text_content("#status")
+    page.close()
