@@ -16,8 +16,8 @@ except ImportError:  # Windows: no lock, and two label.py saving in the same ins
     fcntl = None
 
 COLUMNS = ["image", "x", "y", "class"]  # those a clicks file must have; a new one has these alone
-# most rows the page opens: a million start in about 8 s, hold about 0.7 GB and save a click in about
-# 0.1 s (docs/own-data.md); a larger file is refused in one line rather than let all three grow
+# most rows the page opens: a million start in 8 to 16 s, hold about 0.7 GB and save a click in 0.1 to
+# 0.2 s (docs/own-data.md); a larger file is refused in one line rather than let all three grow
 ROWS = 1_000_000
 
 
