@@ -83,6 +83,10 @@ def class_of(record, field, where):
     raise DataError(f"{where}: no class ({fields}{'' if field else '; --class-field names another'})")
 
 
+# a field may be long (a WKT polygon passes csv's default limit of 131,072 characters): read it whole
+csv.field_size_limit(2**31 - 1)
+
+
 def read_table(path):
     """A CSV as programs write it -> (rows as dicts with lower-case column names, its separator): UTF-8
     with or without a byte-order mark (Excel's "CSV UTF-8"), or UTF-16 (Excel's "Unicode text"); commas,
@@ -377,17 +381,19 @@ def write_suggestions(folder, rows, class_names, geos):
     """Suggested clicks -> suggestions.csv, and suggestions.geojson when images are georeferenced.
 
     rows: (image as given, x, y, predicted class, margin). The class is left empty for a person to
-    fill in, with the model's guess beside it as `hint`: --point-labels skips clicks without one.
+    fill in, with the model's guess beside it as `hint`: --point-labels skips clicks without one. The
+    margin in 2 significant digits: a suggestion sits on a class boundary, where it is near 0 (3.1e-05),
+    and 0 is a tie (bf16 logits round two classes to one value), which 4 decimals would not tell apart.
     """
     folder = Path(folder)
     paths = [folder / "suggestions.csv"]
     with written(paths[0]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "x", "y", "class", "hint", "margin"])
-        w.writerows([text_cell(image), x, y, "", text_cell(class_names[c]), f"{m:.4f}"]
+        w.writerows([text_cell(image), x, y, "", text_cell(class_names[c]), f"{m:.2g}"]
                     for image, x, y, c, m in rows)
     points = [(image, x, y, {"image": image, "x": x, "y": y, "class": "", "hint": class_names[c],
-                              "margin": round(m, 4)}) for image, x, y, c, m in rows]
+                              "margin": float(f"{m:.2g}")}) for image, x, y, c, m in rows]
     path = write_points_geojson(folder / "suggestions.geojson", points, geos)
     return paths + [path] * (path is not None)
 

@@ -18,7 +18,15 @@ from support.cli import DataError, tile_list, written
 # images by their names: Pillow's and GDAL's common formats, JPEG 2000 (Sentinel-2 bands), GDAL's virtual
 # mosaics, ENVI and Erdas files; a Sentinel-2 product's .SAFE folder is one scene
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".vrt", ".img")
-# colours of classes named by the clicks alone (no classes.json): matplotlib's ten, then hues apart
+# colours of classes named without any (no classes.json): land cover's usual colour where a word of the
+# name begins with one of these words (as most land-cover maps draw them: water blue, vegetation green,
+# roads grey, buildings red), else matplotlib's ten in turn, then hues apart; never one colour twice
+CONVENTION = [("water sea lake river ocean pond", "#1F77B4"),
+              ("road street asphalt pavement parking", "#7F7F7F"),
+              ("building roof house", "#D62728"), ("tree forest wood", "#1B5E20"),
+              ("vegetation grass green park shrub meadow", "#2CA02C"), ("crop agricultur farm", "#F2D22E"),
+              ("bare soil sand land ground dirt desert", "#D2B48C"), ("snow ice cloud", "#F0F0F0"),
+              ("unlabel background", "#000000")]
 PALETTE = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
            "#BCBD22", "#17BECF"]
 
@@ -28,9 +36,18 @@ def hex_to_rgb(h):
     return tuple(int(h[i : i + 2], 16) for i in (1, 3, 5))
 
 
-def default_colours(n):
-    extra = [colorsys.hsv_to_rgb(i * 0.618 % 1, 0.7, 0.9) for i in range(n - len(PALETTE))]
-    return [hex_to_rgb(h) for h in PALETTE[:n]] + [tuple(round(v * 255) for v in c) for c in extra]
+def default_colours(names):
+    """Class names -> their (r, g, b) colours: CONVENTION's where a name matches one of its words, else
+    PALETTE's; the usual colours first, so that a name that has one keeps it, whatever comes before."""
+    hues = ["#%02X%02X%02X" % tuple(round(v * 255) for v in colorsys.hsv_to_rgb(i * 0.618 % 1, 0.7, 0.9))
+            for i in range(len(names))]
+    chosen = []
+    for name in names:
+        words = re.findall(r"[a-z]+", name.lower())
+        usual = [h for keys, h in CONVENTION if any(w.startswith(k) for w in words for k in keys.split())]
+        chosen.append(next((h for h in usual if h not in chosen), None))
+    free = (h for h in PALETTE + hues if h not in chosen)
+    return [hex_to_rgb(h or next(free)) for h in chosen]
 
 
 def read_classes(root, required=True):
@@ -251,17 +268,22 @@ def run_data(args, root):
     and norm, how the network is fed (bands.input_norm); val: [(name, image, valid, truth, dense)] with
     the dense mask or the held-out clicks as truth."""
     files = find_images(root)
+    if not args.point_labels and not any(mask_path(p).exists() for _, p, _ in files):
+        raise DataError(f"{root}: no labels to train on: give your clicks with --point-labels FILE (label.py "
+                        "makes one), or dense masks X/masks/NAME.png with a classes.json (see README)")
     classes = read_classes(root, required=not args.point_labels)
     # a mask's colours mean something only through classes.json
     has_mask = {n for n, p, _ in files if mask_path(p).exists()} if classes else set()
     by_image = {}
     if args.point_labels:
+        # else the classes.json label.py keeps beside the clicks: the page's keys, order and colours
+        classes = classes or read_classes(Path(args.point_labels[0]).parent, required=False)
         info = {n: rasters.image_info(p) for n, p, _ in files}
         known = classes and classes[0]
         by_image, names = clicks.read_clicks(args.point_labels, info, known, args.class_field,
                                              args.points_crs, args.line_width)
         by_image = shapes.one_class_per_pixel(by_image)
-        classes = classes or (names, default_colours(len(names)))
+        classes = classes or (names, default_colours(names))
     train, val = choose_split(args, root, files, set(by_image) | has_mask if args.point_labels else has_mask)
     if args.point_labels:  # training images without a click teach nothing
         unclicked = [n for n, _ in train if n not in by_image]

@@ -40,6 +40,8 @@ def gdal():
         import rasterio
     except ImportError:
         return None
+    # a picture without a place is said in our own words (georeference returns None for it)
+    warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
     return rasterio
 
 
@@ -88,12 +90,10 @@ def opened(path):
     if rasterio is None:
         yield pillow_scene(path)
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NotGeoreferencedWarning: said in our own words below
-        try:
-            ds = rasterio.open(sentinel2(path, rasterio))
-        except rasterio.errors.RasterioIOError as e:
-            raise DataError(f"{path}: cannot read image ({str(e).splitlines()[0][:200]})")
+    try:
+        ds = rasterio.open(sentinel2(path, rasterio))
+    except rasterio.errors.RasterioIOError as e:
+        raise DataError(f"{path}: cannot read image ({str(e).splitlines()[0][:200]})")
     with ds:
         names = [ds.tags(b).get("BANDNAME") for b in range(1, ds.count + 1)]
         yield gdal_scene(path, ds, [names.index(n) + 1 for n in S2_BANDS] if "SENTINEL2" in ds.driver else [])

