@@ -138,7 +138,8 @@ BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 def open_label_page(browser, address, image=0, size=(900, 700)):
     """A new tab on label.py's page at `address`, showing image number `image` -> the page."""
-    page = browser.new_page(viewport={"width": size[0], "height": size[1]}, bypass_csp=True)  # it evaluates script
+    # past the page's policy: the waits below are script the tab evaluates
+    page = browser.new_page(viewport={"width": size[0], "height": size[1]}, bypass_csp=True)
     page.goto(address)
     page.wait_for_function("S && picture.complete && picture.naturalWidth")
     for _ in range(image):
