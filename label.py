@@ -398,13 +398,17 @@ def serve(args):
     if args.suggest < 0:
         raise DataError(f"--suggest {args.suggest}: a number of clicks per image, 0 or more")
     show = band_list(args.show_bands, "--show-bands", counts=(1, 3)) if args.show_bands else None
-    labels = Labels(args.dir, args.labels, args.classes, args.ckpt, args.suggest, show)
-    check_writable(Path(args.labels).resolve().parent, "--labels")
+    file = Path(args.labels)
+    if file.is_symlink():  # a clicks file kept elsewhere: the clicks go there, the link stays a link
+        file = file.resolve()
+        print(f"--labels {args.labels}: a link; the clicks are written to the file it links to, {file}")
+    labels = Labels(args.dir, file, args.classes, args.ckpt, args.suggest, show)
+    check_writable(file.parent, "--labels")
     try:
         server = ThreadingHTTPServer((args.host, args.port), Handler)
     except (OSError, OverflowError) as e:  # in use, no such address, a port past 65535
         raise DataError(f"--host {args.host} --port {args.port}: cannot listen there ({e})")
-    Path(args.labels).resolve().parent.mkdir(parents=True, exist_ok=True)  # every input checked
+    file.parent.mkdir(parents=True, exist_ok=True)  # every input checked
     if labels.new:  # --classes named them: kept beside the clicks, for the next label.py and train.py
         classes = [{"title": n, "color": "#%02X%02X%02X" % tuple(c)}
                    for n, c in zip(labels.names, labels.colours)]

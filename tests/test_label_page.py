@@ -755,3 +755,16 @@ def test_label_page_in_a_browser_says_why_an_image_cannot_be_shown(chromium, lab
     page.wait_for_function("document.getElementById('status').textContent.startsWith('image 1: 422 ')")
     assert "96x96 pixels, more than the memory free" in page.text_content("#status")
     page.close()
+
+
+def test_a_clicks_file_given_as_a_link_is_written_where_it_links(label_server, tmp_path, capsys):
+    base, _, _ = label_server
+    kept = tmp_path / "elsewhere" / "clicks.csv"
+    kept.parent.mkdir()
+    kept.write_text("image,x,y,class\nsquare.jpg,1,1,Water\n")
+    (tmp_path / "link.csv").symlink_to(kept)
+    with serving(tmp_path / "photos", "--labels", tmp_path / "link.csv") as (base, server):
+        assert "a link; the clicks are written to the file it links to" in capsys.readouterr().out
+        assert change(base, server, {"image": "square.jpg", "x": 2, "y": 3, "class": "Road"}) == 200
+    assert (tmp_path / "link.csv").is_symlink()  # still the link, and the file it links to has both clicks
+    assert kept.read_text().splitlines()[1:] == ["square.jpg,1,1,Water", "square.jpg,2,3,Road"]
