@@ -264,6 +264,7 @@ def main(argv=None):
     legend = zip(meta["classes"], meta["colours"])
     print("legend: " + ", ".join(f"{n} #{r:02X}{g:02X}{b:02X}" for n, (r, g, b) in legend))
     out.mkdir(parents=True, exist_ok=True)
+    layout.write_classes(out / "classes.json", meta["classes"], meta["colours"])  # label.py finds them there
     if args.data:
         score_tiles(logits_of, meta, args, out, bands, show)
 

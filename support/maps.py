@@ -23,7 +23,7 @@ OVERLAY = 64e6  # most pixels of an overlay: a larger scene's is made at a coars
 
 # what predict.py writes in --out: a folder that holds any of these is not written over by chance
 OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
-           "*_overlay.jpg", "*_overlay.tif", "*_compare.png"]
+           "*_overlay.jpg", "*_overlay.tif", "*_compare.png", "classes.json"]
 ASSESSMENT = ["sample.csv", "sample.geojson", "strata.json", "accuracy.json"]  # assess.py's, of those maps
 
 
