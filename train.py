@@ -23,11 +23,9 @@ import data
 import predict
 from loss import partial_focal_ce
 from model import build_model
-from support import clicks, layout, maps
+from support import layout, maps, runs
 from support.bands import display, to_input
 from support.cli import DataError, band_list, command_line, written
-from support.runs import HERE, KAGGLE, OUTPUTS, find_data, last_checkpoint, resume_state, run_folder, save_run
-from support.runs import start_processes
 from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_dtype
 
 
@@ -200,15 +198,15 @@ def finite_losses(pending, dataset, epoch):
 def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
-    device, rank, world = start_processes(args.device)
-    with run_folder(args, world, vars(get_args([]))) as (out, ckpt):  # no other run writes there meanwhile
+    device, rank, world = runs.start_processes(args.device)
+    with runs.run_folder(args, world, vars(get_args([]))) as (out, ckpt):  # held: no other run writes there
         return run(args, device, rank, world, out, ckpt)
 
 
 def run(args, device, rank, world, out, ckpt):
     """The data, the model and the loop, writing to the run folder `out`; ckpt: the run to resume."""
     # data: the images, the labels they are trained on, and what validation scores against
-    root = find_data(args, rank, world)
+    root = runs.find_data(args, rank, world)
     d = layout.run_data(args, root)
     layout.check_patch(args.patch, d["images"])
     labels, points = make_labels(args, d)
@@ -236,11 +234,11 @@ def run(args, device, rank, world, out, ckpt):
             "norm": d["norm"], "dtype": str(d["images"][0].dtype), "show_bands": args.show_bands,
             "precision": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]}
     ema = copy.deepcopy(model) if args.ema else None  # with --ema, the weights validated and saved
-    history, start = resume_state(ckpt, meta, model, optimizer, out, ema)
+    history, start = runs.resume_state(ckpt, meta, model, optimizer, out, ema)
     shown = model if ema is None else ema
     net = DistributedDataParallel(model) if world > 1 else model
     if rank == 0:  # every input is checked: the run folder is written from here on
-        write_labels(out, d, labels, points, args.show_bands)
+        runs.write_labels(out, d, labels, points, args.show_bands)
     print(f"device {device}, {str(dtype)[6:]}, {world} process(es); writing to {out}")
 
     # the loop: an epoch of training, then (rank 0) validation on whole images, checkpoint, panel
@@ -254,38 +252,27 @@ def run(args, device, rank, world, out, ckpt):
                 s, folded = validate(shown, meta, d["val"], dtype)
                 history.append({"epoch": epoch + 1, "loss": loss, **s, "seconds": time.time() - t0,
                                 "patches_per_s": speed})
-                save_run(out, model, optimizer, meta, history, args, ema)
+                runs.save_run(out, model, optimizer, meta, history, args, ema)
                 if d["val"]:
                     write_panel(out / "panel.png", folded, meta, d["val"][0], args, dtype)
                 print(epoch_line(epoch, args, loss, s, speed, (t1 - t0, time.time() - t1)))
             if world > 1:
                 dist.barrier()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; last checkpoint: {last_checkpoint(out, history)}; continue with --resume")
+        print(f"\ninterrupted; last checkpoint: {runs.last_checkpoint(out, history)}; continue with --resume")
         sys.exit(130)
     except NonFiniteLoss as e:
         images = ", ".join(d["names"][i] for i in e.images)
         print(f"stopped: {e}; the batch held patches of {images}; last good checkpoint: "
-              f"{last_checkpoint(out, history)}")
+              f"{runs.last_checkpoint(out, history)}")
         sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
-    print("done: " + ", ".join(str(out / name) for name in OUTPUTS if (out / name).exists()))
+    print("done: " + ", ".join(str(out / name) for name in runs.OUTPUTS if (out / name).exists()))
     return shown
 
 
 # ---------------------------------------------------------------------------- around the method
-
-
-def write_labels(out, d, labels, points, show):
-    """The classes of the run, the points it trains on, and what they look like on a whole image."""
-    out.mkdir(parents=True, exist_ok=True)
-    layout.write_classes(out / "classes.json", d["classes"], d["colours"])
-    if points is not None:
-        clicks.write_points(out / "points.csv", points, d["names"])
-        picture = display(d["images"][0], d["valid"][0], show)
-        with written(out / "points.jpg") as tmp:
-            maps.draw_points(picture, labels[0], d["colours"]).save(tmp, quality=90)
 
 
 def check_labels(n_labels, args):
@@ -320,7 +307,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a U-Net (ResNet-34 encoder) from point labels with pfCE.")
     add = p.add_argument
     add("--data", help=f"a folder of images (the Kaggle tile layout or any other; default: "
-        f"'{KAGGLE.relative_to(HERE)}' if there, else a synthetic set)")
+        f"'{runs.KAGGLE.relative_to(runs.HERE)}' if there, else a synthetic set)")
     add("--point-labels", "--labels", nargs="+", metavar="FILE",
         help="your labels: CSV image,x,y,class in pixels (strokes and polygons as runs of rows), or GeoJSON "
         "points, lines and polygons in map coordinates; several files add up (default: points drawn from "

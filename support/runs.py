@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from support import synthetic
+from support import clicks, layout, maps, synthetic
+from support.bands import display
 from support.cli import DataError, check_writable, written
 from support.speed import pick_device
 
@@ -121,6 +122,17 @@ def release(out, fd):
     """Let go of the folder: the lock file goes, then the lock."""
     (out / "train.lock").unlink(missing_ok=True)
     os.close(fd)
+
+
+def write_labels(out, d, labels, points, show):
+    """The classes of the run, the points it trains on, and what they look like on a whole image."""
+    out.mkdir(parents=True, exist_ok=True)
+    layout.write_classes(out / "classes.json", d["classes"], d["colours"])
+    if points is not None:
+        clicks.write_points(out / "points.csv", points, d["names"])
+        picture = display(d["images"][0], d["valid"][0], show)
+        with written(out / "points.jpg") as tmp:
+            maps.draw_points(picture, labels[0], d["colours"]).save(tmp, quality=90)
 
 
 def find_data(args, rank, world):
