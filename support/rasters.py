@@ -318,12 +318,12 @@ def pixel_area(world, crs, rows):
     sphere of the Earth's mean radius between its row's edges (rows nearer the poles are smaller)."""
     if crs is None:
         return None
-    a, e, b, f, x, y = world
+    a, d, b, e, c, f = world
     if crs.is_projected:
-        return abs(a * f - b * e) * crs.linear_units_factor[1] ** 2
-    lat = [y + f * j for j in range(rows)]  # the latitude of each row's centre (north-up)
+        return abs(a * e - b * d) * crs.linear_units_factor[1] ** 2
+    lat = [f + e * j for j in range(rows)]  # the latitude of each row's centre (north-up)
     strip = EARTH_RADIUS**2 * math.radians(abs(a))
-    return [strip * abs(math.sin(math.radians(r + f / 2)) - math.sin(math.radians(r - f / 2))) for r in lat]
+    return [strip * abs(math.sin(math.radians(r + e / 2)) - math.sin(math.radians(r - e / 2))) for r in lat]
 
 
 def map_to_pixel(world, x, y):
@@ -342,12 +342,13 @@ def reproject(source, target, xs, ys, what):
     """Points from one coordinate system to another (any GDAL reads: EPSG:NNNN, WKT, a PROJ string),
     with GDAL's transforms (PROJ) -> (xs, ys)."""
     need_gdal(f"{what}: moving positions from one coordinate system to another")
+    from rasterio._err import CPLE_BaseError  # what PROJ says of positions it cannot move
     from rasterio.errors import CRSError
     from rasterio.warp import transform
 
     try:
         return transform(source, target, list(xs), list(ys))
-    except (CRSError, ValueError) as e:
+    except (CRSError, CPLE_BaseError, ValueError) as e:
         raise DataError(f"{what}: cannot move its positions onto the images ({e})")
 
 
