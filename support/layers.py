@@ -1,0 +1,132 @@
+"""Vector layers as the field writes them, read as features: GeoJSON with Python's json (a FeatureCollection
+as QGIS exports it, a crs member naming an EPSG code), and through OGR (pyogrio, the GIS extra) every format
+QGIS writes: GeoPackage, shapefile, KML, FlatGeobuf, GeoJSONSeq, and GeoJSON past GEOJSON_MB, which json
+would hold whole many times over. A file of several layers is named with one of them, FILE:LAYER.
+"""
+import json
+import re
+from pathlib import Path
+
+from support import rasters
+from support.cli import DataError
+from support.rasters import GIS, LONLAT
+
+OGR_SUFFIXES = (".gpkg", ".shp", ".kml", ".kmz", ".fgb", ".geojsonl", ".geojsons", ".geojsonseq")
+# json holds a GeoJSON in about 8 times its size (a 120 MB file of a million points: 1,025 MB at the peak);
+# a larger one goes through OGR, which holds the same file in 445 MB (docs/own-data.md)
+GEOJSON_MB = 100
+
+
+def ogr(what):
+    """(pyogrio, shapely): OGR and GEOS, or one line saying that `what` needs the GIS extra."""
+    try:
+        import pyogrio
+        import shapely
+    except ImportError:
+        raise DataError(f"{what} needs the GIS extra (OGR): {GIS}")
+    return pyogrio, shapely
+
+
+def split_layer(spec):
+    """'labels.gpkg:points' -> (Path('labels.gpkg'), 'points'); a path without a layer -> (path, None)."""
+    head, colon, layer = str(spec).rpartition(":")
+    if colon and layer and Path(head).suffix.lower() in OGR_SUFFIXES and not Path(spec).exists():
+        return Path(head), layer
+    return Path(spec), None
+
+
+def is_layer(spec):
+    """Whether a labels file is read as a vector layer (not a CSV): OGR's formats and JSON, by its name or
+    its first character."""
+    path, layer = split_layer(spec)
+    if layer or path.suffix.lower() in OGR_SUFFIXES + (".geojson",):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+
+
+def read_features(spec):
+    """A vector layer -> (features, crs, fields). features: [(where, geometry type or None, coordinates,
+    properties)]; crs: 'EPSG:NNNN' or WKT, None where the file names none; fields: the layer's field names
+    (None for a GeoJSON read with json, whose features each have their own)."""
+    path, layer = split_layer(spec)
+    if path.suffix.lower() in OGR_SUFFIXES or layer:
+        return read_ogr(path, layer)
+    size = rasters.file_size(path)
+    if size <= GEOJSON_MB * 1e6:
+        return read_geojson(path)
+    try:
+        ogr(f"{path}")
+    except DataError:
+        raise DataError(f"{path}: a GeoJSON of {size / 1e6:.0f} MB, which json would hold in about 8 times "
+                        f"that in memory: the GIS extra reads it through OGR ({GIS}), or split it into files "
+                        f"under {GEOJSON_MB} MB")
+    return read_ogr(path, None)
+
+
+def read_geojson(path):
+    """A GeoJSON FeatureCollection read whole with json -> read_features' (features, crs, None)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+    except (ValueError, RecursionError) as e:  # not JSON, not text, or nested past Python's stack
+        raise DataError(f"{path}: not JSON ({e})")
+    features = doc.get("features") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(features, list):
+        top = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
+        raise DataError(f"{path}: not a GeoJSON FeatureCollection (its top level is {top})")
+    out = []
+    for k, feature in enumerate(features):
+        feature = feature if isinstance(feature, dict) else {}
+        geometry = feature.get("geometry") if isinstance(feature.get("geometry"), dict) else {}
+        out.append((f"{path}: feature {k}", geometry.get("type"), geometry.get("coordinates"),
+                    feature.get("properties") or {}))
+    return out, crs_name(doc.get("crs"), path), None
+
+
+def crs_name(crs, path):
+    """GeoJSON's crs member -> 'EPSG:NNNN', or None when there is none (the images' system is assumed)."""
+    if crs is None:
+        return None
+    props = crs.get("properties") if isinstance(crs, dict) else None
+    name = str(props.get("name", "")) if isinstance(props, dict) else ""
+    if name.endswith("CRS84"):  # longitude, latitude on WGS 84
+        return LONLAT
+    found = re.search(r"EPSG:(?:[\d.]*:)?(\d+)$", name)
+    if not found:
+        raise DataError(f"{path}: crs {name or crs!r} is not an EPSG code")
+    return f"EPSG:{found.group(1)}"
+
+
+def read_ogr(path, layer):
+    """One layer of a vector file, through OGR -> read_features' (features, crs, fields); a file of several
+    layers must name one."""
+    pyogrio, shapely = ogr(f"{path}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        names = pyogrio.list_layers(path)[:, 0].tolist()
+    except pyogrio.errors.DataSourceError as e:
+        raise DataError(f"{path}: not a vector layer OGR reads ({str(e).splitlines()[0][:200]})")
+    if layer is None and len(names) > 1:
+        raise DataError(f"{path}: holds {len(names)} layers ({', '.join(names)}): name one, {path}:LAYER")
+    if layer is not None and layer not in names:
+        raise DataError(f"{path}: has no layer {layer!r} (its layers: {', '.join(names)})")
+    meta, _, wkb, values = pyogrio.raw.read(path, layer=layer or names[0])
+    crs = meta["crs"]
+    if meta["driver"] == "GeoJSON" and crs == LONLAT:  # OGR's for a GeoJSON without a crs member: decided
+        crs = None  # as for one read with json (clicks.read_features)
+    where = f"{path}:{layer}" if layer else str(path)
+    fields = list(meta["fields"])
+
+    def features():  # one at a time: a shape's coordinates as GeoJSON's, nested lists of positions
+        for k, geometry in enumerate(shapely.from_wkb(wkb)):
+            shape = shapely.geometry.mapping(geometry) if geometry is not None else {}
+            yield (f"{where}: feature {k}", shape.get("type"), shape.get("coordinates"),
+                   {name: v[k] for name, v in zip(fields, values)})
+
+    return features(), crs, fields
