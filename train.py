@@ -340,6 +340,8 @@ def get_args(argv=None):
         "(default: all the images' bands)")
     add("--show-bands", default="", help="the bands shown as red,green,blue in the run's pictures, e.g. "
         "4,1,2 for false colour; kept for predict.py and label.py (default: 1,2,3, or band 1 as grey)")
+    add("--aoi", metavar="FILE", help="an area of interest, a layer of polygons (GeoJSON, GeoPackage, "
+        "shapefile, KML, FlatGeobuf): pixels outside it are no data, neither trained on nor scored")
     add("--points-crs", help="the coordinate system of a CSV's x,y map coordinates (no image column), e.g. "
         "EPSG:32640; lon,lat columns are EPSG:4326 (needs pyproj)")
     add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")

@@ -1,13 +1,16 @@
 """Vector layers as the field writes them, read as features: GeoJSON with Python's json (a FeatureCollection
 as QGIS exports it, a crs member naming an EPSG code), and through OGR (pyogrio, the GIS extra) every format
 QGIS writes: GeoPackage, shapefile, KML, FlatGeobuf, GeoJSONSeq, and GeoJSON past GEOJSON_MB, which json
-would hold whole many times over. A file of several layers is named with one of them, FILE:LAYER.
+would hold whole many times over. A file of several layers is named with one of them, FILE:LAYER. The area
+of interest (--aoi) is such a layer of polygons, laid on a scene as the pixels whose centre lies inside.
 """
 import json
 import re
 from pathlib import Path
 
-from support import rasters
+import numpy as np
+
+from support import rasters, shapes
 from support.cli import DataError
 from support.rasters import GIS, LONLAT
 
@@ -130,3 +133,61 @@ def read_ogr(path, layer):
                    {name: v[k] for name, v in zip(fields, values)})
 
     return features(), crs, fields
+
+
+# ---------------------------------------------------------------------------- the area of interest
+
+
+def read_aoi(spec):
+    """--aoi FILE: a layer of polygons -> {'shapes': GeoJSON geometries, 'crs': their system (None: the
+    scenes' own), 'name'}. Without a crs, positions all within +-180, +-90 are longitude and latitude."""
+    rasters.need_gdal(f"--aoi {spec}")  # GDAL lays it on the scenes
+    ogr(f"--aoi {spec}")
+    features, crs, _ = read_features(spec)
+    found, xy = [], []
+    for where, kind, coords, _ in features:
+        if kind not in ("Polygon", "MultiPolygon"):
+            what = f"a {kind}" if kind else "no geometry"
+            raise DataError(f"{where}: {what}; an area of interest is polygons")
+        parts = shapes.check_geometry(kind, coords, where)
+        xy += [ring for polygon in parts for ring in polygon]
+        found.append({"type": kind, "coordinates": coords})
+    if not found:
+        raise DataError(f"--aoi {spec}: holds no polygon")
+    if crs is None and (np.abs(np.vstack(xy)) <= (180, 90)).all():
+        crs = LONLAT
+    return {"shapes": found, "crs": crs, "name": str(spec)}
+
+
+def laid_on(aoi, geo, where):
+    """The area's polygons in a scene's coordinate system; a scene not on the map is one line."""
+    if geo is None:
+        raise DataError(f"{where}: not placed on the map, so --aoi {aoi['name']} cannot be laid on it")
+    if aoi["crs"] is None or geo["crs"] is None or rasters.same_crs(aoi["crs"], geo["crs"]):
+        return aoi["shapes"]  # a scene whose system is not known is taken to be in the area's
+    from rasterio.warp import transform_geom
+
+    return transform_geom(aoi["crs"], geo["crs"], aoi["shapes"])
+
+
+def inside(polygons, geo, rows, cols):
+    """(h, w) bool of a window (rows, cols: (start, stop)) of a scene: the pixels whose centre lies in the
+    polygons (laid_on's), by GDAL's rasteriser."""
+    from rasterio.features import geometry_mask
+    from rasterio.transform import Affine
+
+    transform = rasters.affine(geo) * Affine.translation(cols[0], rows[0])
+    return geometry_mask(polygons, (rows[1] - rows[0], cols[1] - cols[0]), transform, invert=True)
+
+
+def clip(read, aoi, geo, where):
+    """A scene's read(rows, cols) -> (samples, valid) -> the same with the pixels outside the area of
+    interest made no data."""
+    polygons = laid_on(aoi, geo, where)
+
+    def clipped(rows, cols):
+        samples, valid = read(rows, cols)
+        within = inside(polygons, geo, rows, cols)
+        return samples, within if valid is None else valid & within
+
+    return clipped
