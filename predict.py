@@ -322,8 +322,9 @@ def main(argv=None):
         with written(out / "areas.csv") as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *areas])
     if args.polygons and mapped:
-        paths = polygons.write_polygons(out, mapped, args.polygons, meta["classes"], meta["colours"])
-        print(f"polygons -> {', '.join(map(str, paths))}")
+        t0 = time.time()
+        paths, n = polygons.write_polygons(out, mapped, args.polygons, meta["classes"], meta["colours"])
+        print(f"{n} polygons -> {', '.join(map(str, paths))}  {time.time() - t0:.1f}s")
     if suggested:
         paths = clicks.write_suggestions(out, suggested, meta["classes"], geos)
         print(f"{len(suggested)} suggested clicks -> {', '.join(map(str, paths))} (fill in 'class')")

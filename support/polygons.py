@@ -80,8 +80,8 @@ def pixel_areas(polygons, to_pixels, pixel_m2, height):
 def write_polygons(out, scenes, how, names, colours):
     """scenes: [(image name, mask path, geo)] -> map.gpkg in `out` (one layer, 'map', in the scenes'
     coordinate system; one per system, map_EPSG, where they differ), or with how='geojson' map.geojson in
-    longitude and latitude (RFC 7946); map.qml beside it -> paths. Scenes off the map are left out, in one
-    line."""
+    longitude and latitude (RFC 7946); map.qml beside it -> (paths, the number of polygons). Scenes off the
+    map are left out, in one line."""
     pyogrio, shapely = layers.ogr("--polygons")
     placed = [s for s in scenes if s[2] and s[2]["crs"]]
     left = [str(s[0]) for s in scenes if s not in placed]
@@ -92,7 +92,7 @@ def write_polygons(out, scenes, how, names, colours):
         crs = LONLAT if how == "geojson" else next((c for c in groups if rasters.same_crs(c, s[2]["crs"])),
                                                    s[2]["crs"])
         groups.setdefault(crs, []).append(s)
-    path = out / ("map.geojson" if how == "geojson" else "map.gpkg")
+    path, count = out / ("map.geojson" if how == "geojson" else "map.gpkg"), 0
     with written(path) as tmp:
         tmp.unlink()  # OGR makes the file; a second layer goes into the same one
         for k, (crs, group) in enumerate(groups.items()):
@@ -102,10 +102,11 @@ def write_polygons(out, scenes, how, names, colours):
             # RFC 7946: lon, lat, 7 decimals (1 cm); GeoPackage 1.2, read without a warning by GDAL before 3.7
             options = {"layer_options": {"RFC7946": "YES"}} if how == "geojson" else {"VERSION": "1.2"}
             columns = [np.array(c, object if i < 2 else float) for i, c in enumerate(columns)]
+            count += len(geometry)
             pyogrio.raw.write(tmp, shapely.to_wkb(geometry), columns, FIELDS, crs=crs, **options,
                               geometry_type="Polygon", driver="GeoJSON" if how == "geojson" else "GPKG",
                               layer="map" if len(groups) == 1 else layer_name(crs, k))
-    return [path, styles.polygon_style(out / "map.qml", names, colours)]
+    return [path, styles.polygon_style(out / "map.qml", names, colours)], count
 
 
 def layer_rows(image, mask, geo, names, lonlat):
