@@ -100,13 +100,14 @@ def read_mask(path, aoi=None):
 
 def within(maps, images, aoi):
     """--aoi: each mask's pixels per class inside the area of interest, in place of those of areas.csv, and
-    their hectares at each mask's hectares per pixel."""
-    out = []
-    for image, mask, px, ha in images:
+    their hectares at each mask's hectares per pixel; masks not on the map are left out, in one line."""
+    out, off = [], [image for image, mask, _, _ in images if rasters.image_info(Path(maps) / mask)[1] is None]
+    for image, mask, px, ha in [i for i in images if i[0] not in off]:
         inside = class_counts(read_mask(Path(maps) / mask, aoi), len(px)).tolist()
         out.append((image, mask, inside, ha and [n * sum(ha) / max(sum(px), 1) for n in inside]))
     inside, mapped = sum(sum(i[2]) for i in out), sum(sum(i[2]) for i in images)
-    print(f"--aoi {aoi['name']}: {inside} of the {mapped} mapped pixels lie inside it")
+    print(f"--aoi {aoi['name']}: {inside} of the {mapped} mapped pixels lie inside it" +
+          (f"; not on the map, left out: {', '.join(off)}" if off else ""))
     return out
 
 
@@ -180,8 +181,8 @@ def class_counts(mask, n):
 
 def sample(args):
     maps = Path(args.maps)
-    classes, images = read_areas(maps)
     aoi = layers.read_aoi(args.aoi) if args.aoi else None
+    classes, images = read_areas(maps)
     if aoi is not None:
         images = within(maps, images, aoi)
     pixels = np.sum([px for _, _, px, _ in images], axis=0)

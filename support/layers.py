@@ -121,14 +121,21 @@ def read_ogr(path, layer):
         raise DataError(f"{path}: has no layer {layer!r} (its layers: {', '.join(names)})")
     meta, _, wkb, values = pyogrio.raw.read(path, layer=layer or names[0])
     crs = meta["crs"]
-    if meta["driver"] == "GeoJSON" and crs == LONLAT:  # OGR's for a GeoJSON without a crs member: decided
-        crs = None  # as for one read with json (clicks.read_features)
+    if path.suffix.lower() not in OGR_SUFFIXES and crs == LONLAT:  # OGR's for a GeoJSON without a crs
+        crs = None  # member: decided as for one read with json (clicks.read_layer)
     where = f"{path}:{layer}" if layer else str(path)
     fields = list(meta["fields"])
+    geometries = shapely.from_wkb(wkb)
+    del wkb
+    points = (shapely.get_type_id(geometries) == 0) & ~shapely.is_empty(geometries)  # a million points: their
+    xy = np.zeros((len(geometries), 2))  # positions at once, 5 times faster than shapes one by one
+    xy[points] = shapely.get_coordinates(geometries[points])
+    geometries[points] = None
 
-    def features():  # one at a time: a shape's coordinates as GeoJSON's, nested lists of positions
-        for k, geometry in enumerate(shapely.from_wkb(wkb)):
-            shape = shapely.geometry.mapping(geometry) if geometry is not None else {}
+    def features():  # one at a time: a shape's coordinates as GeoJSON's, nested positions
+        for k, geometry in enumerate(geometries):
+            shape = {"type": "Point", "coordinates": xy[k].tolist()} if points[k] else \
+                shapely.geometry.mapping(geometry) if geometry is not None else {}
             yield (f"{where}: feature {k}", shape.get("type"), shape.get("coordinates"),
                    {name: v[k] for name, v in zip(fields, values)})
 
@@ -176,7 +183,7 @@ def inside(polygons, geo, rows, cols):
     from rasterio.features import geometry_mask
     from rasterio.transform import Affine
 
-    transform = rasters.affine(geo) * Affine.translation(cols[0], rows[0])
+    transform = rasters.affine(geo) @ Affine.translation(cols[0], rows[0])
     return geometry_mask(polygons, (rows[1] - rows[0], cols[1] - cols[0]), transform, invert=True)
 
 

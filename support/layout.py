@@ -273,8 +273,8 @@ def run_data(args, root):
     and norm, how the network is fed (bands.input_norm); val: [(name, image, valid, truth, dense)] with
     the dense mask or the held-out clicks as truth. With --aoi, pixels outside the area are no data: no
     label, no statistics, no score."""
-    files = find_images(root)
     aoi = layers.read_aoi(args.aoi) if args.aoi else None
+    files = find_images(root)
     if not args.point_labels and not any(mask_path(p).exists() for _, p, _ in files):
         raise DataError(f"{root}: no labels to train on: give your clicks with --point-labels FILE (label.py "
                         "makes one), or dense masks X/masks/NAME.png with a classes.json (see README)")
