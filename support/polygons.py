@@ -35,11 +35,11 @@ def sieve(mask, pixels):
     2 bytes a pixel, and GDAL's table of regions."""
     from rasterio.features import sieve as gdal_sieve
 
-    valid = mask != IGNORE
-    before = None
-    while before != zlib.crc32(mask):  # a checksum of the mask: no copy of it
+    valid, changed = mask != IGNORE, True
+    while changed:  # a checksum tells a pass that changed nothing, with no copy of the mask
         before = zlib.crc32(mask)
         gdal_sieve(mask, pixels, out=mask, mask=valid, connectivity=4)
+        changed = zlib.crc32(mask) != before
     return mask
 
 
