@@ -324,7 +324,8 @@ def main(argv=None):
     if args.polygons and mapped:
         t0 = time.time()
         paths, n = polygons.write_polygons(out, mapped, args.polygons, meta["classes"], meta["colours"])
-        print(f"{n} polygons -> {', '.join(map(str, paths))}  {time.time() - t0:.1f}s")
+        if paths:
+            print(f"{n} polygons -> {', '.join(map(str, paths))}  {time.time() - t0:.1f}s")
     if suggested:
         paths = clicks.write_suggestions(out, suggested, meta["classes"], geos)
         print(f"{len(suggested)} suggested clicks -> {', '.join(map(str, paths))} (fill in 'class')")

@@ -92,6 +92,8 @@ def write_polygons(out, scenes, how, names, colours):
         crs = LONLAT if how == "geojson" else next((c for c in groups if rasters.same_crs(c, s[2]["crs"])),
                                                    s[2]["crs"])
         groups.setdefault(crs, []).append(s)
+    if not groups:
+        return [], 0
     path, count = out / ("map.geojson" if how == "geojson" else "map.gpkg"), 0
     with written(path) as tmp:
         tmp.unlink()  # OGR makes the file; a second layer goes into the same one

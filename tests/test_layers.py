@@ -120,7 +120,8 @@ def test_without_the_gis_extra_each_flag_is_one_line_with_the_install_hint(tiny,
 
 
 @needs_ogr
-def test_polygons_follow_pixel_edges_keep_holes_add_up_to_the_areas_and_sieve_small_regions(tmp_path):
+def test_polygons_follow_pixel_edges_keep_holes_add_up_to_the_areas_and_sieve_small_regions(tmp_path,
+                                                                                           capsys):
     import rasterio
     from rasterio.features import rasterize
 
@@ -148,6 +149,10 @@ def test_polygons_follow_pixel_edges_keep_holes_add_up_to_the_areas_and_sieve_sm
     assert np.array_equal(sieved[large == 1], pred[large == 1]) and (sieved != pred).sum() > 100
     _, _, m2 = polygons.regions(maps.write_mask(sieved, tmp_path / "sieved", geo, names, colours), geo)
     assert m2.min() >= 4  # no region smaller than the unit is left
+    picture = maps.write_mask(pred, tmp_path / "picture", None, names, colours)  # a PNG: not on the map
+    assert polygons.write_polygons(tmp_path, [("picture.jpg", picture, None)], "gpkg", names, colours) == \
+        ([], 0)
+    assert "--polygons: leaves out picture.jpg: no coordinate system" in capsys.readouterr().out
 
 
 @needs_ogr
