@@ -78,6 +78,8 @@ def read_geojson(path):
         raise DataError(f"{path}: cannot read ({e.strerror})")
     except (ValueError, RecursionError) as e:  # not JSON, not text, or nested past Python's stack
         raise DataError(f"{path}: not JSON ({e})")
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to read it whole with json; split it into smaller files")
     features = doc.get("features") if isinstance(doc, dict) else None
     if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(features, list):
         top = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"

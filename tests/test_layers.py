@@ -117,6 +117,14 @@ def test_without_the_gis_extra_each_flag_is_one_line_with_the_install_hint(tiny,
     with pytest.raises(DataError, match=f"a GeoJSON of 0 MB, .*: the GIS extra reads it through OGR "
                        f".{hint}., or split it into files under 1e-06 MB"):
         clicks.read_clicks([LAYERS / "labels.geojson"], {})
+    monkeypatch.setattr(layers, "GEOJSON_MB", 100)
+
+    def out_of_memory(text):  # as json.loads on a 212 MB file did (3 GB): one line, no traceback
+        raise MemoryError
+
+    monkeypatch.setattr(layers.json, "loads", out_of_memory)
+    with pytest.raises(DataError, match="labels.geojson: not enough memory to read it whole with json; split"):
+        clicks.read_clicks([LAYERS / "labels.geojson"], {})
 
 
 @needs_ogr
