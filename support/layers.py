@@ -15,8 +15,8 @@ from support.cli import DataError
 from support.rasters import GIS, LONLAT
 
 OGR_SUFFIXES = (".gpkg", ".shp", ".kml", ".kmz", ".fgb", ".geojsonl", ".geojsons", ".geojsonseq")
-# json holds a GeoJSON in about 8 times its size (a 120 MB file of a million points: 1,025 MB at the peak);
-# a larger one goes through OGR, which holds the same file in 445 MB (docs/own-data.md)
+# json holds a GeoJSON in about 10 times its size: reading the labels of a 220 MB file of 1.8 million points
+# peaked at 2.49 GB, against 1.43 GB through OGR (docs/own-data.md); a larger file than this goes through OGR
 GEOJSON_MB = 100
 
 
@@ -64,7 +64,7 @@ def read_features(spec):
     try:
         ogr(f"{path}")
     except DataError:
-        raise DataError(f"{path}: a GeoJSON of {size / 1e6:.0f} MB, which json would hold in about 8 times "
+        raise DataError(f"{path}: a GeoJSON of {size / 1e6:.0f} MB, which json would hold in about 10 times "
                         f"that in memory: the GIS extra reads it through OGR ({GIS}), or split it into files "
                         f"under {GEOJSON_MB} MB")
     return read_ogr(path, None)
