@@ -265,8 +265,8 @@ def main(argv=None):
         raise DataError(f"--suggest {args.suggest}: must be 0 (none) or more")
     if not 0 <= args.min_area < math.inf:
         raise DataError(f"--min-area {args.min_area}: must be 0 (none) or more square metres")
-    for flag in [f for f, wanted in [("--polygons", args.polygons), ("--min-area", args.min_area),
-                                     ("--margin", args.margin)] if wanted]:
+    wanted = {"--polygons": args.polygons, "--min-area": args.min_area, "--margin": args.margin}
+    for flag in [f for f, on in wanted.items() if on]:  # without the GIS extra: one line, before the model
         rasters.need_gdal(flag)
     if args.polygons:
         layers.ogr("--polygons")
