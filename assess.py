@@ -18,6 +18,7 @@ Environment 148, 42-57. The strata are the map classes i; j and k are reference 
     A_k = A p_.k,  S(A_k) = A S(p_.k)   (eq. 11) error-adjusted area; 95% interval: estimate +- 1.96 S
 
     python assess.py sample MAPS --size 600    # MAPS/sample.csv to label, strata.json, sample.geojson
+    python assess.py sample MAPS --size 600 --aoi area.gpkg   # the map inside an area of interest only
     python assess.py estimate MAPS             # MAPS/accuracy.json: mapped area against estimated area
 """
 import argparse
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from support import IGNORE, rasters
+from support import IGNORE, layers, rasters
 from support.cli import DataError, command_line, written
 from support.clicks import read_table, text_cell, write_points_geojson
 
@@ -78,18 +79,36 @@ def allocate(pixels, size, least=50):
     return n
 
 
-def read_mask(path):
-    """A palette mask as predict.py writes it -> (H, W) uint8: class index, IGNORE where no data."""
+def read_mask(path, aoi=None):
+    """A palette mask as predict.py writes it -> (H, W) uint8: class index, IGNORE where no data and
+    outside the area of interest `aoi` (layers.read_aoi) where one is given."""
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a mapped orthomosaic may be larger
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
                 raise DataError(f"{path}: a {im.mode} image, not a mask written by predict.py (palette)")
-            return np.asarray(im)
+            mask = np.asarray(im)
     except OSError as e:
         raise DataError(f"{path}: cannot read mask ({getattr(e, 'strerror', None) or e})")
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+    if aoi is None:
+        return mask
+    (w, h), geo = rasters.image_info(path)
+    return np.where(layers.inside(layers.laid_on(aoi, geo, path), geo, (0, h), (0, w)), mask, IGNORE)
+
+
+def within(maps, images, aoi):
+    """--aoi: each mask's pixels per class inside the area of interest, in place of those of areas.csv, and
+    their hectares at each mask's hectares per pixel; masks not on the map are left out, in one line."""
+    out, off = [], [image for image, mask, _, _ in images if rasters.image_info(Path(maps) / mask)[1] is None]
+    for image, mask, px, ha in [i for i in images if i[0] not in off]:
+        inside = class_counts(read_mask(Path(maps) / mask, aoi), len(px)).tolist()
+        out.append((image, mask, inside, ha and [n * sum(ha) / max(sum(px), 1) for n in inside]))
+    inside, mapped = sum(sum(i[2]) for i in out), sum(sum(i[2]) for i in images)
+    print(f"--aoi {aoi['name']}: {inside} of the {mapped} mapped pixels lie inside it" +
+          (f"; not on the map, left out: {', '.join(off)}" if off else ""))
+    return out
 
 
 def read_areas(maps):
@@ -126,7 +145,7 @@ def hectares_per_pixel(images):
     return sum(sum(ha) for *_, ha in images) / sum(sum(px) for _, _, px, _ in images)
 
 
-def draw(maps, images, n, rng):
+def draw(maps, images, n, rng, aoi=None):
     """Stratified random sampling: n[c] distinct pixels of class c among all the masks' pixels of c,
     each equally likely -> [(image, x, y)] in a random order. One mask, one strip of it at a time."""
     pixels = np.sum([px for _, _, px, _ in images], axis=0)
@@ -134,7 +153,7 @@ def draw(maps, images, n, rng):
     seen = np.zeros(len(n), np.int64)  # pixels of each class in the masks before this strip
     points = []
     for image, mask, px, _ in images:
-        m = read_mask(Path(maps) / mask)
+        m = read_mask(Path(maps) / mask, aoi)
         for y0 in range(0, len(m), STRIP):
             strip = m[y0 : y0 + STRIP]
             found = np.bincount(strip.ravel(), minlength=256)[: len(n)]
@@ -150,14 +169,22 @@ def draw(maps, images, n, rng):
 
 def check_counts(mask, pixels, name, table):
     """Refuse a mask whose pixels per class are not those counted when the sample was drawn."""
-    counted = sum(np.bincount(mask[y : y + STRIP].ravel(), minlength=256) for y in range(0, len(mask), STRIP))
-    if list(counted[: len(pixels)]) != list(pixels):
+    if list(class_counts(mask, len(pixels))) != list(pixels):
         raise DataError(f"{name}: its pixels per class differ from those in {table} (mapped again since?)")
+
+
+def class_counts(mask, n):
+    """Pixels of each of n classes in a mask, a strip at a time (np.bincount copies what it counts)."""
+    strips = range(0, len(mask), STRIP)
+    return sum(np.bincount(mask[y : y + STRIP].ravel(), minlength=256) for y in strips)[:n]
 
 
 def sample(args):
     maps = Path(args.maps)
+    aoi = layers.read_aoi(args.aoi) if args.aoi else None
     classes, images = read_areas(maps)
+    if aoi is not None:
+        images = within(maps, images, aoi)
     pixels = np.sum([px for _, _, px, _ in images], axis=0)
     least = np.minimum(pixels, args.min_per_class).sum()
     if args.size < least:
@@ -170,13 +197,14 @@ def sample(args):
             raise DataError(f"{old}: already holds labelled points; move it away to draw a new sample")
     out = maps / "sample.csv"
     n = allocate(pixels, args.size, args.min_per_class)
-    points = draw(maps, images, n, np.random.default_rng(args.seed))
+    points = draw(maps, images, n, np.random.default_rng(args.seed), aoi)
     with written(out) as tmp, open(tmp, "w", newline="") as f:  # no mapped class in it: a person labels blind
         csv.writer(f).writerows([("image", "x", "y", "class", "sample")] +
                                 [(text_cell(im), x, y, "", k) for k, (im, x, y) in enumerate(points, 1)])
     files = [out, write_geojson(maps, images, points)]
     ha = hectares_per_pixel(images)
-    strata = {"seed": args.seed, "size": args.size, "min_per_class": args.min_per_class, "classes": classes,
+    strata = {"seed": args.seed, "size": args.size, "min_per_class": args.min_per_class, "aoi": args.aoi,
+              "classes": classes,
               "pixels": pixels.tolist(), "hectares": None if ha is None else (pixels * ha).tolist(),
               "hectares_per_pixel": ha, "points": n.tolist(),
               "masks": [{"image": im, "mask": m, "pixels": px} for im, m, px, _ in images],
@@ -251,7 +279,8 @@ def estimate(args):
     if unlabelled:
         raise DataError(f"{unlabelled} of the {len(drawn)} points of {path} have no class yet in "
                         f"{', '.join(map(str, files))}: label every point (the estimate needs them all)")
-    mapped = lookup(maps, masks, rows)
+    aoi = layers.read_aoi(strata["aoi"]) if strata.get("aoi") else None  # as the sample was drawn
+    mapped = lookup(maps, masks, rows, aoi)
     for where, k, image, x, y, _ in rows:
         if [image, x, y] != drawn[k - 1]:
             raise DataError(f"{where}: sample {k} is {image} ({x}, {y}), but {drawn[k - 1][0]} "
@@ -273,11 +302,11 @@ def estimate(args):
     return 0
 
 
-def lookup(maps, masks, rows):
+def lookup(maps, masks, rows, aoi=None):
     """The map class at each labelled point, read again in the masks (as they were when drawn from)."""
     mapped = np.zeros(len(rows), np.int64)
     for m in masks:
-        mask = read_mask(Path(maps) / m["mask"])
+        mask = read_mask(Path(maps) / m["mask"], aoi)
         check_counts(mask, m["pixels"], Path(maps) / m["mask"], "strata.json")
         for k, (where, _, image, x, y, _) in enumerate(rows):
             if image == m["image"]:
@@ -349,6 +378,9 @@ def main(argv=None):
                    help="points per mapped class at least, all its pixels if fewer (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0,
                    help="random seed, kept in strata.json (default: %(default)s)")
+    s.add_argument("--aoi", metavar="FILE", help="an area of interest, a layer of polygons (GeoJSON, "
+                   "GeoPackage, shapefile, KML, FlatGeobuf): only the map inside it is sampled and "
+                   "estimated; kept in strata.json")
     e = sub.add_parser("estimate", help="accuracy and areas from the labelled sample -> MAPS/accuracy.json")
     e.add_argument("maps", help="the folder that `sample` wrote to")
     e.add_argument("--sample", nargs="+", default=None,

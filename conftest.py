@@ -1,4 +1,5 @@
 """What the tests share: small data sets written once per session, a trained run, helpers."""
+import importlib.util
 import json
 import os
 import struct
@@ -16,6 +17,8 @@ from support import layout, rasters, synthetic
 
 HERE = Path(__file__).parent
 needs_gdal = pytest.mark.skipif(rasters.gdal() is None, reason=f"the GIS extra: {rasters.GIS}")
+OGR = rasters.gdal() is not None and all(map(importlib.util.find_spec, ["pyogrio", "shapely"]))
+needs_ogr = pytest.mark.skipif(not OGR, reason=f"the GIS extra's vector layers: {rasters.GIS}")
 
 
 # the tests must not depend on how pytest was started: torchrun's variables, if pytest runs under

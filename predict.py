@@ -5,6 +5,7 @@ that overlap by 64 pixels; each window's logits are weighted by a ramp that fall
 where it sees least context, and the weighted sums are divided by the summed weights: no seams.
 
     python predict.py --ckpt RUN/ckpt.pt IMAGE_OR_FOLDER... --out DIR [--suggest 20]
+    python predict.py --ckpt RUN/ckpt.pt SCENES --out DIR --aoi area.gpkg --min-area 25 --polygons --margin
     python predict.py --ckpt RUN/ckpt.pt --data ROOT --tiles 7 --out DIR     # scores on dense masks
 """
 import argparse
@@ -21,7 +22,7 @@ import torch
 
 from data import IGNORE
 from model import load_checkpoint
-from support import clicks, layout, maps, rasters
+from support import clicks, layers, layout, maps, polygons, rasters
 from support.clicks import text_cell
 from support.bands import display, input_plan, model_input, to_input
 from support.cli import DataError, WriteError, band_list, command_line, tile_list, written
@@ -244,12 +245,32 @@ def main(argv=None):
                    "4,3,2 for false colour (default: the checkpoint's, else 1,2,3)")
     p.add_argument("--overwrite", action="store_true", help="write over the maps already in --out (a "
                    "suggestions file with classes filled in is never written over)")
+    p.add_argument("--polygons", nargs="?", const="gpkg", choices=["gpkg", "geojson"], help="also write the "
+                   "maps as polygons, one per region of a class, with its class, image, area_m2, area_ha: "
+                   "map.gpkg, one layer 'map' (one per coordinate system, map_EPSG, where scenes differ), or "
+                   "'--polygons geojson': map.geojson in longitude and latitude; map.qml beside it")
+    p.add_argument("--min-area", type=float, default=0, metavar="M2", help="a minimum mapping unit: regions "
+                   "smaller than this many m2 merge into their surroundings, in the masks, areas.csv and the "
+                   "polygons alike (default: 0, none)")
+    p.add_argument("--aoi", metavar="FILE", help="an area of interest, a layer of polygons (GeoJSON, "
+                   "GeoPackage, shapefile, KML, FlatGeobuf): pixels outside it are no data, neither mapped "
+                   "nor counted")
+    p.add_argument("--margin", action="store_true", help="also write each image's margin (the best class's "
+                   "probability less the second's; low: unsure) as a float32 GeoTIFF NAME_margin.tif")
     args = p.parse_args(argv)
 
     if not args.inputs and not args.data:
         p.error("give images or folders to map, or --data (and --tiles) to score")
     if args.suggest < 0:
         raise DataError(f"--suggest {args.suggest}: must be 0 (none) or more")
+    if not 0 <= args.min_area < math.inf:
+        raise DataError(f"--min-area {args.min_area}: must be 0 (none) or more square metres")
+    wanted = {"--polygons": args.polygons, "--min-area": args.min_area, "--margin": args.margin}
+    for flag in [f for f, on in wanted.items() if on]:  # without the GIS extra: one line, before the model
+        rasters.need_gdal(flag)
+    if args.polygons:
+        layers.ogr("--polygons")
+    aoi = layers.read_aoi(args.aoi) if args.aoi else None
     bands = band_list(args.bands, "--bands") if args.bands else None
     show = band_list(args.show_bands, "--show-bands", counts=(1, 3)) if args.show_bands else None
     keep_freed_memory()
@@ -272,12 +293,13 @@ def main(argv=None):
     stems, note = maps.output_stems(files)
     if note:
         print(note)
-    failed, areas, suggested, geos = [], [], [], {}
+    failed, areas, suggested, geos, mapped = [], [], [], {}, []
     for path, stem in zip(files, stems):
         t0 = time.time()
         try:
             cells = least_sure if args.suggest else None  # where to look for the places to suggest
-            m = maps.map_scene(logits_of, meta, path, out / stem, bands, show, cells)
+            m = maps.map_scene(logits_of, meta, path, out / stem, bands, show, cells, aoi, args.min_area,
+                               args.margin)
         except WriteError:  # a full disk: the other maps cannot be written either
             raise
         except (DataError, MemoryError) as e:  # one line for this input; the others are still mapped
@@ -286,6 +308,7 @@ def main(argv=None):
             continue
         areas += [(text_cell(path), text_cell(name), *row, text_cell(m["written"][0].name))  # and its mask
                   for name, *row in m["areas"]]
+        mapped.append((path.as_posix(), m["written"][0], m["geo"]))
         if args.suggest:
             name = path.as_posix()
             geos[name] = m["geo"]
@@ -299,6 +322,11 @@ def main(argv=None):
     if areas:
         with written(out / "areas.csv") as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([("image", "class", "pixels", "share", "hectares", "mask"), *areas])
+    if args.polygons and mapped:
+        t0 = time.time()
+        paths, n = polygons.write_polygons(out, mapped, args.polygons, meta["classes"], meta["colours"])
+        if paths:
+            print(f"{n} polygons -> {', '.join(map(str, paths))}  {time.time() - t0:.1f}s")
     if suggested:
         paths = clicks.write_suggestions(out, suggested, meta["classes"], geos)
         print(f"{len(suggested)} suggested clicks -> {', '.join(map(str, paths))} (fill in 'class')")

@@ -309,12 +309,12 @@ def get_args(argv=None):
     add("--data", help=f"a folder of images (the Kaggle tile layout or any other; default: "
         f"'{runs.KAGGLE.relative_to(runs.HERE)}' if there, else a synthetic set)")
     add("--point-labels", "--labels", nargs="+", metavar="FILE",
-        help="your labels: CSV image,x,y,class in pixels (strokes and polygons as runs of rows), or GeoJSON "
-        "points, lines and polygons in map coordinates; several files add up (default: points drawn from "
-        "the dense masks)")
+        help="your labels: CSV image,x,y,class in pixels (strokes and polygons as runs of rows), or a layer "
+        "of points, lines and polygons in map coordinates (GeoJSON; GeoPackage, FILE.gpkg:LAYER, shapefile, "
+        "KML, FlatGeobuf, GeoJSONSeq); several files add up (default: points drawn from the dense masks)")
     add("--line-width", type=float, default=3, help="width in pixels of the lines and strokes of --point-"
         "labels: they label the pixels whose centre lies within half of it (default: %(default)s)")
-    add("--class-field", help="GeoJSON property or CSV column of the class (default: class, class_name, "
+    add("--class-field", help="the layer's field or CSV column of the class (default: class, class_name, "
         "label or class_id)")
     add("--points", type=int, default=100,
         help="points per patch drawn from the dense masks, once; 0 trains on the dense masks (default: "
@@ -327,6 +327,8 @@ def get_args(argv=None):
         "(default: all the images' bands)")
     add("--show-bands", default="", help="the bands shown as red,green,blue in the run's pictures, e.g. "
         "4,1,2 for false colour; kept for predict.py and label.py (default: 1,2,3, or band 1 as grey)")
+    add("--aoi", metavar="FILE", help="an area of interest, a layer of polygons (GeoJSON, GeoPackage, "
+        "shapefile, KML, FlatGeobuf): pixels outside it are no data, neither trained on nor scored")
     add("--points-crs", help="the coordinate system of a CSV's x,y map coordinates (no image column), e.g. "
         "EPSG:32640; lon,lat columns are EPSG:4326 (needs pyproj)")
     add("--epochs", type=int, default=5, help="passes over the training patches (default: %(default)s)")

@@ -1,20 +1,20 @@
 """Clicks and drawn labels as users make them, read and written: a CSV of pixels (image,x,y,class) as
 the page or a spreadsheet writes it, with strokes and polygons as runs of rows; a CSV of map coordinates
-(lon,lat,class); or a GeoJSON FeatureCollection of points, lines and polygons in map coordinates, as QGIS
-exports a layer; labels in another coordinate system than the images' are moved onto them with pyproj.
-Shapes become the pixels they cover (shapes.py). Out: the points a run trained on, suggested next clicks.
+(lon,lat,class); or a layer of points, lines and polygons in map coordinates, as QGIS saves one: GeoJSON,
+and with the GIS extra GeoPackage, shapefile, KML, FlatGeobuf, GeoJSONSeq (layers.py reads them); labels in
+another coordinate system than the images' are moved onto them. Shapes become the pixels they cover
+(shapes.py). Out: the points a run trained on, suggested next clicks.
 """
 import csv
 import io
 import json
 import math
-import re
 import unicodedata
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from support import rasters, shapes
+from support import layers, rasters, shapes
 from support.rasters import LONLAT
 from support.cli import DataError, written
 
@@ -32,23 +32,14 @@ def read_clicks(paths, info, class_names=None, field=None, crs=None, line_width=
     coordinate system of a CSV's x and y when they are map coordinates (--points-crs).
     """
     rows = []  # (where, image name, x, y, class as written)
-    for path in map(Path, paths):
-        if is_json(path):
-            rows += read_geojson(path, info, field, line_width)
+    for path in paths:
+        if layers.is_layer(path):
+            rows += read_layer(path, info, field, line_width)
         else:
             rows += read_csv(path, info, field, crs, line_width)
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no click on an image of the data set")
     return classify(rows, class_names)
-
-
-def is_json(path):
-    """Whether a click file is JSON (GeoJSON), told by its first character, whatever its name."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})")
 
 
 def classify(rows, class_names=None):
@@ -216,34 +207,23 @@ def image_finder(info):
     return find
 
 
-def read_geojson(path, info, field=None, line_width=3):
-    """A FeatureCollection of Points, LineStrings, Polygons (and their Multi- kinds) in map coordinates ->
-    rows for read_clicks. Without a crs member, the images' system, or RFC 7946's longitude and latitude
+def read_layer(path, info, field=None, line_width=3):
+    """A layer of Points, LineStrings, Polygons (and their Multi- kinds) in map coordinates -> rows for
+    read_clicks. Without a coordinate system, the images' system, or RFC 7946's longitude and latitude
     where no position lies on an image but all lie within +-180, +-90."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})")
-    except (ValueError, RecursionError) as e:  # not JSON, not text, or nested past Python's stack
-        raise DataError(f"{path}: not JSON ({e})")
-    features = doc.get("features") if isinstance(doc, dict) else None
-    if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(features, list):
-        top = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
-        raise DataError(f"{path}: not a GeoJSON FeatureCollection (its top level is {top})")
-    crs, points, drawn = crs_name(doc.get("crs"), path), [], []
-    for k, feature in enumerate(features):
-        where = f"{path}: feature {k}"
-        geometry = feature.get("geometry") if isinstance(feature, dict) else None
-        kind = geometry.get("type") if isinstance(geometry, dict) else None
+    features, crs, fields = layers.read_features(path)
+    if fields is not None:
+        check_fields(fields, field, path)
+    points, drawn = [], []
+    for where, kind, coords, properties in features:
         if kind not in ("Point", "MultiPoint", *shapes.KINDS):
             what = f"a {kind}" if kind else "no geometry"
             raise DataError(f"{where}: {what}, not a Point, LineString or Polygon (nor a Multi- of them)")
-        value = class_of(feature.get("properties") or {}, field, where)
-        coords = geometry.get("coordinates")
+        value = class_of(properties, field, where)
         if kind not in ("Point", "MultiPoint"):
             drawn.append((where, kind, shapes.check_geometry(kind, coords, where), value))
             continue
-        for point in [coords] if kind == "Point" else coords if isinstance(coords, list) else [None]:
+        for point in [coords] if kind == "Point" else coords if isinstance(coords, (list, tuple)) else [None]:
             try:
                 x, y = float(point[0]), float(point[1])
             except (TypeError, ValueError, IndexError):
@@ -252,25 +232,20 @@ def read_geojson(path, info, field=None, line_width=3):
     xy = [(x, y) for _, x, y, _ in points] + [v for d in drawn for v in np.vstack(sum(d[2], []))]  # vertices
     if crs is None and xy and all(abs(x) <= 180 and abs(y) <= 90 for x, y in xy) and \
             not any(on_images(info, x, y) for x, y in xy):
-        print(f"{path}: no crs member, and its positions lie on no image but within longitude and latitude: "
-              "read as RFC 7946 GeoJSON, longitude and latitude on WGS 84")
+        print(f"{path}: no coordinate system, and its positions lie on no image but within longitude and "
+              "latitude: read as RFC 7946 GeoJSON, longitude and latitude on WGS 84")
         crs = LONLAT
     rows = place(points, info, crs, path) if points else []
     return rows + place_shapes(drawn, info, crs, path, line_width)
 
 
-def crs_name(crs, path):
-    """GeoJSON's crs member -> 'EPSG:NNNN', or None when there is none (the images' system is assumed)."""
-    if crs is None:
-        return None
-    props = crs.get("properties") if isinstance(crs, dict) else None
-    name = str(props.get("name", "")) if isinstance(props, dict) else ""
-    if name.endswith("CRS84"):  # longitude, latitude on WGS 84
-        return LONLAT
-    found = re.search(r"EPSG:(?:[\d.]*:)?(\d+)$", name)
-    if not found:
-        raise DataError(f"{path}: crs {name or crs!r} is not an EPSG code")
-    return f"EPSG:{found.group(1)}"
+def check_fields(fields, field, path):
+    """A layer with no field for the class is one line naming the fields it has."""
+    wanted = [field] if field else CLASS_FIELDS
+    if not set(wanted) & set(fields):
+        has = ", ".join(fields) or "none"
+        raise DataError(f"{path}: no field {' or '.join(wanted)} for the class (its fields: {has})"
+                        f"{'' if field else '; --class-field names one'}")
 
 
 def on_images(info, x, y):
@@ -358,7 +333,7 @@ def filled_in(path):
     if not Path(path).exists():
         return 0
     try:
-        if is_json(path):
+        if layers.is_layer(path):
             features = json.loads(Path(path).read_text(encoding="utf-8-sig")).get("features", [])
             return sum(bool(str((f.get("properties") or {}).get("class") or "").strip()) for f in features)
         return sum(bool((r.get("class") or "").strip()) for r in read_table(path)[0])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support import IGNORE, clicks, rasters, shapes
+from support import IGNORE, clicks, layers, rasters, shapes
 from support.bands import fill_no_data, input_norm, no_data_value
 from support.cli import DataError, tile_list, written
 
@@ -122,16 +122,21 @@ def mask_path(image_path):
     return image_path.parent.parent / "masks" / (image_path.stem + ".png")
 
 
-def read_image(path, bands=None):
+def read_image(path, bands=None, aoi=None):
     """-> ((H, W, bands) samples as stored, only `bands` (counted from 1) when given; (H, W) bool of the
-    pixels with data, or None). What was found in the file is said in one line."""
+    pixels with data, inside the area of interest `aoi` where one is given, or None). What was found in
+    the file is said in one line."""
     s = rasters.read_scene(path)
-    n = s["samples"].shape[2]
+    (h, w), n = s["samples"].shape[:2], s["samples"].shape[2]
     if bands and max(bands) > n:
         raise DataError(f"{path}: has {n} band(s), --bands asks for band {max(bands)}")
     if s["note"]:
         print(f"{path}: {s['note']}")
-    return (s["samples"][..., [b - 1 for b in bands]] if bands else s["samples"]), s["valid"]
+    valid = s["valid"]
+    if aoi is not None:  # outside the area of interest: no data
+        inside = layers.inside(layers.laid_on(aoi, s["geo"], path), s["geo"], (0, h), (0, w))
+        valid = inside if valid is None else valid & inside
+    return (s["samples"][..., [b - 1 for b in bands]] if bands else s["samples"]), valid
 
 
 def read_mask(path, colours, shape):
@@ -171,13 +176,13 @@ def read_mask(path, colours, shape):
     return mask, int(unknown.sum())
 
 
-def read_images(files, colours=None, bands=None):
+def read_images(files, colours=None, bands=None, aoi=None):
     """[(name, path)] -> (images (H, W, bands) as stored, valids ((H, W) bool or None), masks (H, W) uint8
     with IGNORE where no class or no data, or None each when `colours` is None). Masks are required
-    when asked for, and every image must have the same number of bands."""
+    when asked for, and every image must have the same number of bands. Outside `aoi` is no data."""
     images, valids, masks, unknown = [], [], [], 0  # unknown: mask pixels whose colour is in no class
     for _, path in files:
-        image, valid = read_image(path, bands)
+        image, valid = read_image(path, bands, aoi)
         if images and image.shape[2] != images[0].shape[2]:
             raise DataError(f"{path}: has {image.shape[2]} band(s), {files[0][1]} {images[0].shape[2]}: "
                             "choose the same bands of each with --bands")
@@ -266,7 +271,9 @@ def run_data(args, root):
     """Everything a run reads -> dict: classes, colours; names, images (no data filled in), valid, masks
     (dense, or None when training from clicks), points (the clicks, or None); bands (counted from 1)
     and norm, how the network is fed (bands.input_norm); val: [(name, image, valid, truth, dense)] with
-    the dense mask or the held-out clicks as truth."""
+    the dense mask or the held-out clicks as truth. With --aoi, pixels outside the area are no data: no
+    label, no statistics, no score."""
+    aoi = layers.read_aoi(args.aoi) if args.aoi else None
     files = find_images(root)
     if not args.point_labels and not any(mask_path(p).exists() for _, p, _ in files):
         raise DataError(f"{root}: no labels to train on: give your clicks with --point-labels FILE (label.py "
@@ -295,7 +302,7 @@ def run_data(args, root):
     names, colours = classes
     out = {"classes": names, "colours": colours, "names": [n for n, _ in train], "points": None, "val": []}
     out["images"], out["valid"], out["masks"] = read_images(train, None if args.point_labels else colours,
-                                                            args.bands)
+                                                            args.bands, aoi)
     n = out["images"][0].shape[2]
     out["bands"] = args.bands or list(range(1, n + 1))
     out["norm"] = input_norm(out["images"], out["valid"])  # before no data is filled in
@@ -305,10 +312,12 @@ def run_data(args, root):
                      for im, v in zip(out["images"], out["valid"])]
     if args.point_labels:
         out["points"] = [(i, x, y, c) for i, (n, _) in enumerate(train) for x, y, c in by_image[n]]
+        if aoi is not None:
+            out["points"] = outside_aoi(out["points"], out["valid"], "training")
     val_dense = [(n, p) for n, p in val if n in has_mask]
     val_clicked = [(n, p) for n, p in val if n not in has_mask and n in by_image]
     for part, part_colours in [(val_dense, colours), (val_clicked, None)]:
-        images, valids, masks = read_images(part, part_colours, args.bands)
+        images, valids, masks = read_images(part, part_colours, args.bands, aoi)
         for (name, path), image, valid, mask in zip(part, images, valids, masks):
             if image.shape[2] != n:
                 raise DataError(f"{path}: has {image.shape[2]} band(s), the training images {n}")
@@ -317,7 +326,18 @@ def run_data(args, root):
                 mask = np.full(image.shape[:2], IGNORE, np.uint8)
                 xs, ys, labels = np.array(by_image[name]).T
                 mask[ys, xs] = labels
+                if valid is not None and aoi is not None:
+                    mask[~valid] = IGNORE
             out["val"].append((name, fill_no_data(image, valid, fill), valid, mask, dense))
     if not out["val"]:
         print("no validation: no validation image has a mask or clicks (see --val-images, --val-tiles)")
     return out
+
+
+def outside_aoi(points, valids, what):
+    """[(image index, x, y, class)] -> those on pixels with data (inside --aoi); the others in one line."""
+    kept = [p for p in points if valids[p[0]] is None or valids[p[0]][p[2], p[1]]]
+    if len(kept) < len(points):
+        print(f"--aoi: {len(points) - len(kept)} of the {len(points)} {what} labels lie outside it (or on no "
+              "data) and are left out")
+    return kept

@@ -1,7 +1,8 @@
 """Maps of real scenes written to disk a block at a time, so that a scene of any size is mapped in
 bounded memory: the class mask (a GeoTIFF with the scene's georeference, its no data and the class
-colours and names, or a PNG for a plain picture), an overlay for a person to look at, the area of each
-class, and the places where the model is least sure; and the side-by-side pictures of the maps.
+colours and names, or a PNG for a plain picture) and its QGIS style, an overlay for a person to look at,
+the area of each class, the model's margin as a raster, and the places where the model is least sure;
+and the side-by-side pictures of the maps. Pixels outside an area of interest are no data.
 """
 import math
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from support import IGNORE, clicks, rasters
+from support import IGNORE, clicks, layers, polygons, rasters, styles
 from support.bands import display, input_plan, model_input
 from support.cli import DataError, check_writable, written
 
@@ -23,7 +24,8 @@ OVERLAY = 64e6  # most pixels of an overlay: a larger scene's is made at a coars
 
 # what predict.py writes in --out: a folder that holds any of these is not written over by chance
 OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
-           "*_overlay.jpg", "*_overlay.tif", "*_compare.png", "classes.json"]
+           "*_mask.qml", "*_margin.tif", "*_overlay.jpg", "*_overlay.tif", "*_compare.png", "map.gpkg",
+           "map.geojson", "map.qml", "classes.json"]
 ASSESSMENT = ["sample.csv", "sample.geojson", "strata.json", "accuracy.json"]  # assess.py's, of those maps
 
 
@@ -75,12 +77,15 @@ def margin_of(logits):
     return (top2[0] - top2[1]).cpu().numpy()
 
 
-def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=None):
+def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=None, aoi=None, min_area=0,
+              margin=False):
     """Map one scene from disk block by block, writing its mask as it goes, then its overlay (`show`: the
     bands a person sees as red, green, blue). logits_of(samples, norm=) -> logits: predict.sliding_window;
     least_sure(margin) -> (margins, xs, ys) of each cell (predict.least_sure), where suggestions are
-    wanted. -> dict: size (w, h), geo, areas (rows of area_rows), no_data (pixels), candidates ((margins,
-    xs, ys, classes) or None), written (paths: the mask first)."""
+    wanted; aoi: the area of interest (layers.read_aoi), outside which pixels are no data; min_area: the
+    m2 of the smallest region kept (polygons.sieve, on the whole mask held in memory, 2 bytes a pixel);
+    margin: write the margin as a raster too. -> dict: size (w, h), geo, areas (rows of area_rows), no_data
+    (pixels), candidates ((margins, xs, ys, classes) or None), written (paths: the mask first)."""
     with rasters.opened(path) as scene:
         h, w, n = scene["shape"]
         if scene["note"]:
@@ -98,19 +103,33 @@ def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=Non
             raise DataError(f"{path}: --show-bands {','.join(map(str, shown))}: the scene has {n} band(s)")
 
         def logits(samples, valid):
+            if valid is not None and not valid.any():  # all no data (outside the area of interest): no model
+                return torch.zeros(len(names), *samples.shape[:2])
             return logits_of(model_input(samples, valid, plan), norm=plan[1])
 
-        with mask_file(stem, (h, w), geo, names, colours) as (write, mask_path):
+        read = scene["read"] if aoi is None else layers.clip(scene["read"], aoi, geo, path)
+        pixels = min_area and polygons.min_pixels(min_area, geo)
+        if min_area and not pixels:
+            print(f"{path}: not on the map (no pixel size): --min-area leaves it unsieved")
+        held = np.full((h, w), IGNORE, np.uint8) if pixels else None  # the mask to sieve, whole
+        with mask_file(stem, (h, w), geo, names, colours) as (write, mask_path), \
+                margin_file(stem, (h, w), geo, margin) as (write_margin, margin_path):
             done, t0 = 0, time.time()
-            for (rows, cols), block, samples, valid in logits_in_blocks(logits, scene["read"], (h, w), BLOCK):
+            for (rows, cols), block, samples, valid in logits_in_blocks(logits, read, (h, w), BLOCK):
                 pred = classes_of(block)
                 if valid is not None:  # no data: no class, black in the mask, left out of the areas
                     pred[~valid] = IGNORE
-                write(rows, cols, pred)
-                c, a = count_classes(pred, len(names), rows_area(geo, rows))
-                counts, m2, empty = counts + c, m2 + a, empty + int((pred == IGNORE).sum())
+                if held is None:
+                    write(rows, cols, pred)
+                    c, a = count_classes(pred, len(names), rows_area(geo, rows))
+                    counts, m2 = counts + c, m2 + a
+                else:
+                    held[rows, cols] = pred
+                empty += int((pred == IGNORE).sum())
+                gap = margin_of(block) if margin or least_sure else None
+                if margin:
+                    write_margin(rows, cols, np.where(pred == IGNORE, np.nan, gap))
                 if least_sure is not None:
-                    gap = margin_of(block)
                     gap[pred == IGNORE] = np.inf
                     margins, xs, ys = least_sure(gap)
                     inside = (xs < pred.shape[1]) & (ys < pred.shape[0])  # a cell past the edge: no pixel
@@ -126,11 +145,18 @@ def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=Non
                     speed = done / 1e6 / (time.time() - t0)
                     print(f"  {done / (h * w):.0%} of {h * w / 1e6:.1f} MP  {speed:.2f} MP/s  "
                           f"{(h * w - done) / 1e6 / speed:.0f}s left", flush=True)
+            if held is not None:  # --min-area: the small regions merge into their surroundings, then the mask
+                write(slice(0, h), slice(0, w), polygons.sieve(held, pixels))  # is written and counted, and
+                counts, m2 = count_rows(held, len(names), geo)  # the overlay and suggestions show its classes
+                small["pred"] = [held[-y % step + y :: step, -x % step + x :: step][: len(p), : p.shape[1]]
+                                 for (y, x, _), p in zip(small["samples"], small["pred"])]
+                found = [(g, xs, ys, held[ys, xs]) for g, xs, ys, _ in found]
+                del held
         overlay = write_overlay(small, (math.ceil(h / step), math.ceil(w / step)), step, colours, stem, geo)
     candidates = tuple(map(np.concatenate, zip(*found))) if found else None
     known = geo is not None and geo["pixel_m2"] is not None
     return {"size": (w, h), "geo": geo, "areas": area_rows(names, counts, m2, known), "no_data": empty,
-            "candidates": candidates, "written": [mask_path, overlay]}
+            "candidates": candidates, "written": [mask_path, overlay] + [margin_path] * margin}
 
 
 def check_out(out, overwrite, suggest):
@@ -159,7 +185,7 @@ def mask_file(stem, size, geo, names, colours):
     in its file. A georeferenced scene's mask is a GeoTIFF (through GDAL: tiled, compressed, with
     overviews when large; its georeference, no data 255, the class colours, and the class names as GDAL's
     category names), written block by block; a picture's is a PNG, made whole at the end (a world file
-    beside it where the picture had one and GDAL is not installed)."""
+    beside it where the picture had one and GDAL is not installed). Either has its QGIS style beside it."""
     h, w = size
     rasterio = rasters.gdal()
     if geo is None or rasterio is None:
@@ -168,6 +194,7 @@ def mask_file(stem, size, geo, names, colours):
         with written(path) as tmp:
             colourize(pred, colours).save(tmp)
         write_world(path.with_suffix(".pgw"), geo)
+        styles.mask_style(path.with_suffix(".qml"), names, colours)
         return
     path = Path(f"{stem}_mask.tif")
     with written(path) as tmp, rasters.geotiff(tmp, size, geo, "uint8", nodata=IGNORE) as ds:
@@ -176,6 +203,21 @@ def mask_file(stem, size, geo, names, colours):
         rasters.overviews(ds, "nearest")
     with written(Path(f"{path}.aux.xml")) as tmp:
         rasters.category_names(tmp, names)
+    styles.mask_style(path.with_suffix(".qml"), names, colours)
+
+
+@contextmanager
+def margin_file(stem, size, geo, wanted):
+    """with margin_file(...) as (write, path): write(rows, columns, margins) puts a block of the margin (the
+    best class's probability less the second's; NaN: no data) in a float32 GeoTIFF beside the mask, or a
+    plain TIFF for a picture; (None, None) where it is not `wanted`."""
+    if not wanted:
+        yield None, None
+        return
+    path = Path(f"{stem}_margin.tif")
+    with written(path) as tmp, rasters.geotiff(tmp, size, geo, "float32", nodata=np.nan) as ds:
+        yield (lambda rows, cols, block: ds.write(block, 1, window=rasters.window(rows, cols))), path
+        rasters.overviews(ds, "average")
 
 
 def write_mask(pred, stem, geo, names, colours):
@@ -235,6 +277,16 @@ def rows_area(geo, rows):
     """The area of one pixel of each row of `rows` in m2 (one number where all are alike), or None."""
     area = None if geo is None else geo["pixel_m2"]
     return area[rows] if isinstance(area, list) else area
+
+
+def count_rows(pred, n, geo, strip=1024):
+    """A whole (H, W) class map -> count_classes' (pixels, m2) of its classes, counted a strip of rows at a
+    time (np.bincount makes an 8-byte copy of what it counts)."""
+    counts, m2 = np.zeros(n, np.int64), np.zeros(n)
+    for y in range(0, len(pred), strip):
+        c, a = count_classes(pred[y : y + strip], n, rows_area(geo, slice(y, y + strip)))
+        counts, m2 = counts + c, m2 + a
+    return counts, m2
 
 
 def count_classes(pred, n, pixel_m2):

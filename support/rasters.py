@@ -384,18 +384,23 @@ def sidecar(path, suffixes):
 
 @contextmanager
 def geotiff(path, size, geo, dtype, bands=1, nodata=None, compress="deflate", photometric=None):
-    """with geotiff(...) as ds: a new GeoTIFF of (H, W) `size` placed as `geo` says, tiled and compressed,
-    for ds.write(array, band, window=window(rows, columns)) block by block."""
+    """with geotiff(...) as ds: a new GeoTIFF of (H, W) `size` placed as `geo` says (a plain TIFF where it
+    is None), tiled and compressed, for ds.write(array, band, window=window(rows, columns)) block by block."""
     rasterio = need_gdal("a GeoTIFF")
+    options = {"photometric": photometric} if photometric else {}
+    placed = {"crs": geo["crs"], "transform": affine(geo)} if geo else {}  # a picture's: a plain TIFF
+    with rasterio.open(path, "w", driver="GTiff", width=size[1], height=size[0], count=bands, dtype=dtype,
+                       nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress=compress,
+                       BIGTIFF="IF_SAFER", **placed, **options) as ds:
+        yield ds
+
+
+def affine(geo):
+    """A georeference's world-file numbers (at pixel centres) -> GDAL's transform (at pixel corners)."""
     from rasterio.transform import Affine
 
     a, d, b, e, c, f = geo["world"]
-    transform = Affine(a, b, c - a / 2 - b / 2, d, e, f - d / 2 - e / 2)  # GDAL's: at the top-left corner
-    options = {"photometric": photometric} if photometric else {}
-    with rasterio.open(path, "w", driver="GTiff", width=size[1], height=size[0], count=bands, dtype=dtype,
-                       crs=geo["crs"], transform=transform, nodata=nodata, tiled=True, blockxsize=256,
-                       blockysize=256, compress=compress, BIGTIFF="IF_SAFER", **options) as ds:
-        yield ds
+    return Affine(a, b, c - a / 2 - b / 2, d, e, f - d / 2 - e / 2)
 
 
 def window(rows, cols):

@@ -25,7 +25,7 @@ OUTPUTS = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv",
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
 SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_width", "points", "train_tiles",
                   "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",
-                  "class_weights", "patch", "weights", "seed", "precision", "ema"]
+                  "class_weights", "patch", "weights", "seed", "precision", "ema", "aoi"]
 
 
 def start_processes(device_name):

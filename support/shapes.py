@@ -124,16 +124,17 @@ def one_class_per_pixel(by_image):
 
 
 def check_geometry(kind, coords, where):
-    """A GeoJSON Polygon, MultiPolygon, LineString or MultiLineString's coordinates -> its parts, each a
-    list of (N, 2) arrays: a polygon's rings (the outer one, then its holes), or one line. Empty
-    coordinates, a ring that is not closed or of fewer than 4 positions, a line of fewer than 2: one line."""
-    if not isinstance(coords, list) or not coords:
+    """A GeoJSON Polygon, MultiPolygon, LineString or MultiLineString's coordinates (lists; tuples as
+    shapely gives them) -> its parts, each a list of (N, 2) arrays: a polygon's rings (the outer one, then
+    its holes), or one line. Empty coordinates, a ring that is not closed or of fewer than 4 positions, a
+    line of fewer than 2: one line."""
+    if not isinstance(coords, (list, tuple)) or not coords:
         raise DataError(f"{where}: a {kind} with empty coordinates ({coords!r:.40})")
     parts = {"Polygon": [coords], "MultiPolygon": coords, "LineString": [[coords]],
              "MultiLineString": [[line] for line in coords]}[kind]  # polygons (their rings), or [line]
     out = []
     for i, part in enumerate(parts):
-        if not isinstance(part, list) or not part:
+        if not isinstance(part, (list, tuple)) or not part:
             raise DataError(f"{where}: a {kind} with empty coordinates (part {i})")
         out.append([])
         for j, positions in enumerate(part):
@@ -155,7 +156,7 @@ def check_geometry(kind, coords, where):
 
 def position_array(positions, where):
     """GeoJSON positions [[x, y, (z)], ...] -> (N, 2) float array; anything else is one line."""
-    if not isinstance(positions, list) or not positions:
+    if not isinstance(positions, (list, tuple)) or not positions:
         raise DataError(f"{where}: empty coordinates ({positions!r:.40})")
     try:
         a = np.array([[float(p[0]), float(p[1])] for p in positions])

@@ -10,7 +10,7 @@ from PIL import Image
 
 import assess
 import data
-from conftest import COLOURS
+from conftest import COLOURS, needs_ogr
 from support import maps, rasters
 from support.cli import command_line
 
@@ -217,6 +217,32 @@ def test_estimate_end_to_end_from_a_sample_labelled_by_a_script(tmp_path, capsys
     for c in exact["classes"].values():
         assert c["estimated_area"]["estimate"] == pytest.approx(c["mapped_area"])
         assert c["estimated_area"]["se"] == 0
+
+
+@needs_ogr
+def test_an_area_of_interest_limits_the_sample_and_the_estimate(tmp_path, capsys):
+    out = tmp_path / "maps"
+    handmade_maps(out)
+    corners = [[500000, 2800000.25], [500010, 2800000.25], [500010, 2799990.25], [500000, 2799990.25]]
+    crs = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32640"}}
+    feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+        corners + corners[:1]]}}  # rows 0-19 and columns 0-19 of scenes/a.tif, UTM 40N
+    area = tmp_path / "area.geojson"
+    area.write_text(json.dumps({"type": "FeatureCollection", "crs": crs, "features": [feature]}))
+    assert assess.main(["sample", str(out), "--size", "30", "--min-per-class", "5", "--aoi", str(area)]) == 0
+    assert "not on the map, left out: scenes/b.jpg" in capsys.readouterr().out
+    mask = assess.read_mask(out / "a_mask.tif")
+    inside = np.zeros(mask.shape, bool)
+    inside[:20, :20] = True
+    strata = json.loads((out / "strata.json").read_text())
+    assert strata["aoi"] == str(area) and [m["image"] for m in strata["masks"]] == ["scenes/a.tif"]
+    assert strata["pixels"] == np.bincount(mask[inside & (mask != data.IGNORE)], minlength=3).tolist()
+    with open(out / "sample.csv", newline="") as f:
+        drawn = [(int(r["x"]), int(r["y"])) for r in csv.DictReader(f)]
+    assert len(drawn) == 30 and all(inside[y, x] for x, y in drawn)
+    label_sample(out / "sample.csv", {"scenes/a.tif": mask})  # the map as the truth: no error inside
+    assert assess.main(["estimate", str(out)]) == 0
+    assert json.loads((out / "accuracy.json").read_text())["overall_accuracy"]["estimate"] == 1.0
 
 
 def edit_sample(path, k, **values):

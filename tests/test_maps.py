@@ -99,16 +99,18 @@ def test_world_files_carry_over_and_shared_names_stay_apart(tiny_run, tmp_path, 
 
         assert "share a file name" in said and said.count("a_scene_mask.tif") == 1
         assert sorted(p.name for p in out.iterdir()) == [
-            "a_scene_mask.tif", "a_scene_mask.tif.aux.xml", "a_scene_overlay.tif", "areas.csv",
-            "b_scene_mask.png", "b_scene_overlay.jpg", "classes.json"]
+            "a_scene_mask.qml", "a_scene_mask.tif", "a_scene_mask.tif.aux.xml", "a_scene_overlay.tif",
+            "areas.csv", "b_scene_mask.png", "b_scene_mask.qml", "b_scene_overlay.jpg",
+            "classes.json"]
         with rasterio.open(out / "a_scene_mask.tif") as mask:
             assert mask.crs.to_epsg() == 32640 and mask.transform.c == 400000.0 and mask.transform.a == 0.3
         assert {r["hectares"] != "" for r in areas if r["image"].endswith("a/scene.jpg")} == {True}
     else:  # a world file beside the mask; its .prj is read through GDAL only, which a line says
         assert "its .prj (coordinate system) is read with the GIS extra" in said
         assert sorted(p.name for p in out.iterdir()) == [
-            "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_overlay.jgw", "a_scene_overlay.jpg", "areas.csv",
-            "b_scene_mask.png", "b_scene_overlay.jpg", "classes.json"]
+            "a_scene_mask.pgw", "a_scene_mask.png", "a_scene_mask.qml", "a_scene_overlay.jgw",
+            "a_scene_overlay.jpg", "areas.csv", "b_scene_mask.png", "b_scene_mask.qml", "b_scene_overlay.jpg",
+            "classes.json"]
         world = (out / "a_scene_mask.pgw").read_text().split()
         assert world == ["0.3", "0.0", "0.0", "-0.3", "400000.15", "3000000.15"]
         assert all(r["hectares"] == "" for r in areas)  # a world file alone: no units
@@ -254,7 +256,8 @@ def test_a_full_disk_leaves_no_part_of_a_map_and_an_old_sample_is_not_left_besid
     said = capsys.readouterr()
     assert re.search(r"error: \S+a_overlay.jpg: cannot be written \(No space left on device; [\d,]+ MB free "
                      r"there\)\n$", said.err) and "skipped" not in said.out  # one line, and the command stops
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "classes.json"]  # whole files: no overlay
+    # whole files: no overlay
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_mask.qml", "classes.json"]
     monkeypatch.undo()
     assert predict.main(args + ["--overwrite"]) == 0
     (out / "sample.csv").write_text("image,x,y,class,sample\n")  # assess.py's sample of these maps
