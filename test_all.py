@@ -198,21 +198,21 @@ def test_imagenet_filters_are_carried_over_to_any_number_of_bands(tmp_path):
 # ----------------------------------------------------------------------------------------- the loop: train.py
 
 
-def test_lr_schedule_is_a_half_cosine_and_batch_norm_averages_all_batches_then_one_epoch():
+def test_lr_schedule_is_a_half_cosine_and_batch_norm_averages_the_batches_of_an_epoch():
     total = 400
     for step in [0, 50, 100, 200, 300, 399]:  # a linear decay agrees with the cosine at 200 only
         half_cosine = 1e-3 * (1 + math.cos(math.pi * step / total)) / 2
         assert train.get_lr(step, total, 1e-3, "cosine") == pytest.approx(half_cosine)
         assert train.get_lr(step, total, 1e-3, "constant") == 1e-3
     assert train.get_lr(100, total, 1e-3, "cosine") == pytest.approx(0.853553e-3, rel=1e-5)  # not 0.75e-3
-    # momentum 1/(n+1) at step n is the plain mean of all batches so far; from 1/steps on, a moving average
+    # momentum 1/(k+1) at step k of an epoch: the plain mean of its batches so far; past 100, a moving average
     mean, values = torch.zeros(1), [4.0, 1.0, 7.0]
-    for n, v in enumerate(values):
-        m = train.batch_norm_momentum(n, steps_per_epoch=50)
+    for k, v in enumerate(values):
+        m = train.batch_norm_momentum(150 + k, steps_per_epoch=50)  # the first steps of epoch 4
         mean = (1 - m) * mean + m * v
     assert mean.item() == pytest.approx(sum(values) / 3)
-    assert train.batch_norm_momentum(10_000, 50) == 1 / 50  # the last epoch,
-    assert train.batch_norm_momentum(10_000, 500) == 1 / 100  # or the last 100 batches
+    assert train.batch_norm_momentum(199, 50) == 1 / 50  # the last step of an epoch: its whole mean,
+    assert train.batch_norm_momentum(999, 500) == 1 / 100  # or the last ~100 batches of a longer one
 
 
 def test_moving_average_of_the_weights_is_the_weighted_sum_of_every_step():
@@ -235,14 +235,61 @@ def test_moving_average_of_the_weights_is_the_weighted_sum_of_every_step():
             assert v == n, k  # batches seen: counted, not averaged
 
 
+def short_run(epochs, batch_size, **flags):
+    """A network of batch norm and a 1x1 convolution trained by train.train_epoch on one 64x128 image cut
+    in eight 32x32 patches -> (model, loader, weights after each epoch, the moving average or None)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    labels = np.full((64, 128), data.IGNORE, np.uint8)
+    labels[rng.integers(0, 64, 400), rng.integers(0, 128, 400)] = rng.integers(0, 3, 400)
+    dataset = data.PatchDataset([image], [labels], 32, seed=0)
+    flags = {"batch-size": batch_size, "epochs": epochs, "lr-schedule": "constant", **flags}
+    args = train.get_args([f for k, v in flags.items() for f in (f"--{k}", str(v))])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 3, 1))
+    ema = copy.deepcopy(model) if args.ema else None
+    loader = train.make_loader(dataset, args, torch.device("cpu"), 0, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    weights = []
+    for epoch in range(epochs):
+        train.train_epoch(model, loader, optimizer, torch.device("cpu"), torch.float32, "imagenet", args,
+                          epoch, None, ema)
+        weights.append(model[1].weight.detach().clone())
+    return model, loader, weights, ema
+
+
+def test_the_moving_average_of_a_short_run_holds_its_last_steps_not_its_first():
+    # 40 steps of one batch at --ema 0.998: a constant decay leaves 0.998^39 = 92% of the first step's weights
+    _, _, weights, ema = short_run(40, batch_size=8, ema=0.998, lr=0.05)
+    first, last, average = weights[0].flatten(), weights[-1].flatten(), ema[1].weight.detach().flatten()
+    share_of_first = torch.dot(average - last, first - last) / (first - last).square().sum()
+    assert (first - last).abs().max() > 0.01  # the weights moved: there is something to tell apart
+    assert share_of_first < 0.25, share_of_first  # about 0.1: the last ~5 steps, on a straight path
+    # and the rule's closed form: a copy of the first step, then an average over the last ninth
+    assert train.ema_decay(0, 0.998) == 0 and train.ema_decay(9, 0.998) == 0.5
+    assert train.ema_decay(10**6, 0.998) == 0.998
+
+
+def test_batch_norm_statistics_after_an_epoch_are_the_mean_over_all_its_batches():
+    # 2 steps an epoch: momentum 1/steps = 0.5 kept half of the last batch's statistics, a quarter of the one
+    # before, and so on
+    model, loader, _, _ = short_run(3, batch_size=4)
+    # the last epoch's batches again (the same seed and epoch), as the first batch norm saw them
+    batches = [to_input(images, "imagenet") for images, _, _ in loader]
+    mean = torch.stack([x.mean((0, 2, 3)) for x in batches]).mean(0)
+    var = torch.stack([x.var((0, 2, 3)) for x in batches]).mean(0)  # unbiased, as batch norm keeps it
+    assert torch.allclose(model[0].running_mean, mean, atol=1e-5)
+    assert torch.allclose(model[0].running_var, var, atol=1e-4)
+
+
 def test_the_moving_average_starts_from_the_first_step_not_the_random_init(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path / "run", "--ema", "0.999999"))  # 2 steps: about the first step's
+    train.main(tiny_args(tiny, tmp_path / "run", "--ema", "0.999999"))  # 2 steps: 0.1 first, 0.9 second
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     torch.manual_seed(0)  # the init train.py draws for --seed 0
     init = build_model(len(saved["classes"]), "none").state_dict()
-    first_step = saved["model"]["head.weight"]
-    assert (first_step - init["head.weight"]).abs().max() > 1e-4  # an init in the average would weigh ~1
-    assert (first_step - saved["trained"]["head.weight"]).abs().max() > 1e-4  # and the second step ~0
+    average = saved["model"]["head.weight"]
+    assert (average - init["head.weight"]).abs().max() > 1e-4  # an init in the average would weigh ~1
+    assert (average - saved["trained"]["head.weight"]).abs().max() > 1e-5  # a tenth of it is the first step
 
 
 def test_one_epoch_writes_everything_and_the_checkpoint_reloads(tiny, tiny_run):
