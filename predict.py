@@ -26,7 +26,7 @@ from support import clicks, layers, layout, maps, polygons, rasters
 from support.clicks import text_cell
 from support.bands import display, input_plan, model_input, to_input
 from support.cli import DataError, WriteError, band_list, command_line, tile_list, written
-from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_device, pick_dtype
+from support.speed import fold_batch_norm, fold_upsampling, pick_device, pick_dtype
 
 WINDOW = 1536  # largest window side; windows get smaller to fit the image with little waste
 OVERLAP = 64  # rows or columns that neighbouring windows share, where their logits are blended
@@ -273,7 +273,6 @@ def main(argv=None):
     aoi = layers.read_aoi(args.aoi) if args.aoi else None
     bands = band_list(args.bands, "--bands") if args.bands else None
     show = band_list(args.show_bands, "--show-bands", counts=(1, 3)) if args.show_bands else None
-    keep_freed_memory()
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.ckpt, device)
     out = Path(args.out)

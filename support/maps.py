@@ -18,9 +18,11 @@ from support import IGNORE, clicks, layers, polygons, rasters, styles
 from support.bands import display, input_plan, model_input
 from support.cli import DataError, check_writable, written
 
-BLOCK = 4096  # largest side of the blocks a scene is mapped in: a 4096 x 4096 block's logits take 400 MB
+BLOCK = 2048  # largest side of the blocks a scene is mapped in (their logits: 110 MB); memory is then
+# set by the model's windows (predict.WINDOW), about 2 GB, whatever the scene's size
 HALO = 64  # pixels of context around a block, mapped with it and then cut off, as windows overlap
-OVERLAY = 64e6  # most pixels of an overlay: a larger scene's is made at a coarser step, a picture to look at
+OVERLAY = 16e6  # most pixels of an overlay (4000 x 4000): a larger scene's is made at a coarser step, a
+# picture to look at; composing it holds ~20 bytes a pixel
 
 # what predict.py writes in --out: a folder that holds any of these is not written over by chance
 OUTPUTS = ["areas.csv", "metrics.json", "suggestions.csv", "suggestions.geojson", "*_mask.png", "*_mask.tif",
@@ -136,9 +138,10 @@ def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=Non
                     xs, ys = xs[inside], ys[inside]
                     found.append((margins[inside], xs + cols.start, ys + rows.start, pred[ys, xs]))
                 keep = slice(-rows.start % step, None, step), slice(-cols.start % step, None, step)
+                # copies: a view of every step-th pixel would keep each whole block in memory to the end
                 small["samples"].append((rows.start, cols.start, samples[keep][..., [b - 1 for b in shown]]))
-                small["pred"].append(pred[keep])
-                small["valid"].append(None if valid is None else valid[keep])
+                small["pred"].append(pred[keep].copy())
+                small["valid"].append(None if valid is None else valid[keep].copy())
                 del block  # before the next block is mapped
                 done += (rows.stop - rows.start) * (cols.stop - cols.start)
                 if done < h * w:

@@ -36,6 +36,7 @@ LONLAT = "EPSG:4326"  # longitude and latitude on WGS 84, as GPS points and RFC 
 
 def gdal():
     """rasterio (GDAL), or None where the GIS extra is not installed."""
+    os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB of blocks GDAL keeps read (its default: 5% of RAM)
     try:
         import rasterio
     except ImportError:
