@@ -131,13 +131,13 @@ def test_scenes_past_pillows_guard_are_mapped_with_progress(tiny_run, tmp_path, 
     assert Image.open(tmp_path / "o" / "big_mask.png").size == (60, 200)
 
 
-def test_the_overlay_of_a_scene_in_blocks_holds_its_own_pixels_not_the_blocks(tiny_run, tmp_path, monkeypatch):
+def test_the_overlay_of_a_scene_in_blocks_holds_its_own_pixels(tiny_run, tmp_path, monkeypatch):
     """Every step-th pixel of each block, kept for the overlay, is copied: a view would hold each whole
     block in memory to the end (a 2-gigapixel scene was killed at 22 GB)."""
     monkeypatch.setattr(maps, "BLOCK", 96)
     monkeypatch.setattr(maps, "OVERLAY", 2000)  # every 3rd pixel of a 200 x 60 scene
     kept, write_overlay = [], maps.write_overlay
-    monkeypatch.setattr(maps, "write_overlay", lambda small, *a: kept.append(small) or write_overlay(small, *a))
+    monkeypatch.setattr(maps, "write_overlay", lambda s, *a: kept.append(s) or write_overlay(s, *a))
     Image.fromarray(np.zeros((200, 60, 3), np.uint8)).save(tmp_path / "big.png")
     args = ["--ckpt", str(tiny_run[1] / "ckpt.pt"), str(tmp_path / "big.png"), "--out", str(tmp_path / "o")]
     assert predict.main(args + ["--precision", "fp32"]) == 0
