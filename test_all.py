@@ -198,21 +198,23 @@ def test_imagenet_filters_are_carried_over_to_any_number_of_bands(tmp_path):
 # ----------------------------------------------------------------------------------------- the loop: train.py
 
 
-def test_lr_schedule_is_a_half_cosine_and_batch_norm_averages_the_batches_of_an_epoch():
+def test_lr_schedule_is_a_half_cosine_and_batch_norm_averages_all_batches_then_one_epoch():
     total = 400
     for step in [0, 50, 100, 200, 300, 399]:  # a linear decay agrees with the cosine at 200 only
         half_cosine = 1e-3 * (1 + math.cos(math.pi * step / total)) / 2
         assert train.get_lr(step, total, 1e-3, "cosine") == pytest.approx(half_cosine)
         assert train.get_lr(step, total, 1e-3, "constant") == 1e-3
     assert train.get_lr(100, total, 1e-3, "cosine") == pytest.approx(0.853553e-3, rel=1e-5)  # not 0.75e-3
-    # momentum 1/(k+1) at step k of an epoch: the plain mean of its batches so far; past 100, a moving average
+    # momentum 1/(n+1) at step n is the plain mean of all batches so far; from 1/steps on, a moving average
     mean, values = torch.zeros(1), [4.0, 1.0, 7.0]
-    for k, v in enumerate(values):
-        m = train.batch_norm_momentum(150 + k, steps_per_epoch=50)  # the first steps of epoch 4
+    for n, v in enumerate(values):
+        m = train.batch_norm_momentum(n, steps_per_epoch=50)
         mean = (1 - m) * mean + m * v
     assert mean.item() == pytest.approx(sum(values) / 3)
-    assert train.batch_norm_momentum(199, 50) == 1 / 50  # the last step of an epoch: its whole mean,
-    assert train.batch_norm_momentum(999, 500) == 1 / 100  # or the last ~100 batches of a longer one
+    assert train.batch_norm_momentum(10_000, 50) == 1 / 50  # the last epoch,
+    assert train.batch_norm_momentum(10_000, 500) == 1 / 100  # or the last 100 batches,
+    assert train.batch_norm_momentum(10_000, 2) == 1  # an epoch of 2 steps starts afresh,
+    assert train.batch_norm_momentum(10_001, 2) == 1 / 2  # the plain mean of its batches
 
 
 def test_moving_average_of_the_weights_is_the_weighted_sum_of_every_step():
@@ -270,9 +272,9 @@ def test_the_moving_average_of_a_short_run_holds_its_last_steps_not_its_first():
     assert train.ema_decay(10**6, 0.998) == 0.998
 
 
-def test_batch_norm_statistics_after_an_epoch_are_the_mean_over_all_its_batches():
-    # 2 steps an epoch: momentum 1/steps = 0.5 kept half of the last batch's statistics, a quarter of the one
-    # before, and so on
+def test_batch_norm_statistics_after_a_short_epoch_are_the_mean_over_its_batches():
+    # 2 steps an epoch: momentum 1/steps = 0.5 would keep half of the last batch's statistics, a quarter of
+    # the one before, and so on
     model, loader, _, _ = short_run(3, batch_size=4)
     # the last epoch's batches again (the same seed and epoch), as the first batch norm saw them
     batches = [to_input(images, "imagenet") for images, _, _ in loader]

@@ -97,13 +97,14 @@ def ema_decay(step, decay):
 
 def batch_norm_momentum(step, steps_per_epoch):
     """Batch norm normalises with statistics of the batch while training, and at inference with
-    running averages of them kept along the way. Here each epoch starts them afresh as the plain mean
-    of its batches (momentum 1/(k+1) at its k-th step), then, past 100 batches, follows the last ~100
-    (momentum 0.01): at the end of an epoch, when the model is validated and saved, they stand for
-    the training set, not for the last batch or two. PyTorch's default (momentum 0.1) follows the last
-    ten batches, a few tiles of 8 patches: on Tiles 1-6 -> 7 averaging over ~100 added 0.035 mIoU; an
-    exponential average over the last epoch kept half of the last batch where an epoch is 2 steps."""
-    return max(1 / 100, 1 / (step % steps_per_epoch + 1))
+    running averages of them kept along the way. PyTorch's default (momentum 0.1) follows the last
+    ten batches, a few tiles of 8 patches; here the average is over every batch so far, then over
+    about the last epoch (100 batches at most). Measured on Tiles 1-6 -> 7, this adds 0.035 mIoU.
+    An epoch of fewer than 16 batches starts them afresh as the plain mean of its batches: at 2 steps
+    an epoch, momentum 1/2 would keep half of the last batch, and the score swings from epoch to epoch."""
+    if steps_per_epoch < 16:
+        return 1 / (step % steps_per_epoch + 1)
+    return max(1 / min(steps_per_epoch, 100), 1 / (step + 1))
 
 
 def balanced_weights(labels, num_classes):
