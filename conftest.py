@@ -1,4 +1,4 @@
-"""What the tests share: small data sets written once per session, a trained run, helpers."""
+"""What the tests share: small data sets written once per test run, a trained run, helpers."""
 import importlib.util
 import json
 import os

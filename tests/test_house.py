@@ -28,14 +28,16 @@ def imported(path):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return {n for n in names if n.split(".")[0] in LESSON | COMMANDS | {"support", "tools", "test_all", "conftest"}}
+    ours = LESSON | COMMANDS | {"support", "tools", "test_all", "conftest"}
+    return {n for n in names if n.split(".")[0] in ours}
 
 
 def test_imports_go_one_way_commands_then_lesson_then_support():
     files = {p.stem if p.parent == HERE else f"{p.parent.name}.{p.stem}": p
              for p in [*HERE.glob("*.py"), *(HERE / "support").glob("*.py"), *(HERE / "tools").glob("*.py")]
              if not p.name.startswith("test_") and p.name != "conftest.py"}
-    graph = {m: {n for n in imported(p) if n in files or n.rsplit(".", 1)[0] in files} for m, p in files.items()}
+    graph = {m: {n for n in imported(p) if n in files or n.rsplit(".", 1)[0] in files}
+             for m, p in files.items()}
     graph = {m: {n if n in files else n.rsplit(".", 1)[0] for n in deps} - {m} for m, deps in graph.items()}
     for m, deps in graph.items():
         if m.startswith("support"):

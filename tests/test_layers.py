@@ -123,7 +123,8 @@ def test_without_the_gis_extra_each_flag_is_one_line_with_the_install_hint(tiny,
         raise MemoryError
 
     monkeypatch.setattr(layers.json, "loads", out_of_memory)
-    with pytest.raises(DataError, match="labels.geojson: not enough memory to read it whole with json; split"):
+    said = "labels.geojson: not enough memory to read it whole with json; split"
+    with pytest.raises(DataError, match=said):
         clicks.read_clicks([LAYERS / "labels.geojson"], {})
 
 

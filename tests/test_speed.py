@@ -115,7 +115,7 @@ def test_device_auto_prefers_cuda_then_mps(monkeypatch):
                     reason="a setting of glibc's malloc, seen in Linux's memory maps")
 def test_freed_memory_is_kept_for_reuse():
     """In a fresh process, as train.py and predict.py start: a heap that other libraries loaded in the
-    test session (GDAL's) have not shaped."""
+    test run (GDAL's) have not shaped."""
     check = """if 1:
         import sys
         from pathlib import Path
