@@ -99,8 +99,8 @@ def write_polygons(out, scenes, how, names, colours):
         tmp.unlink()  # OGR makes the file; a second layer goes into the same one
         for k, (crs, group) in enumerate(groups.items()):
             found = [layer_rows(image, mask, geo, names, how == "geojson") for image, mask, geo in group]
-            geometry, columns = np.concatenate([f[0] for f in found]), [sum((f[1][k] for f in found), [])
-                                                                          for k in range(len(FIELDS))]
+            geometry, columns = np.concatenate([f[0] for f in found]), [sum((f[1][i] for f in found), [])
+                                                                          for i in range(len(FIELDS))]
             # RFC 7946: lon, lat, 7 decimals (1 cm); GeoPackage 1.2, read without a warning by GDAL before 3.7
             options = {"layer_options": {"RFC7946": "YES"}} if how == "geojson" else {"VERSION": "1.2"}
             columns = [np.array(c, object if i < 2 else float) for i, c in enumerate(columns)]

@@ -6,7 +6,6 @@ scored on the run's validation images as train.py scores the U-Net.
     python -m tools.forest runs/NAME                # prints the scores, writes runs/NAME/forest.json
 """
 import argparse
-import csv
 import json
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 
 import predict
 import train
-from support import layout, runs
+from support import clicks, layout, runs
 from support.cli import DataError, command_line
 
 WINDOWS = (3, 7, 15)  # sides of the neighbourhoods whose mean and standard deviation each pixel gets
@@ -44,12 +43,12 @@ def forest_map(forest, image):
 
 
 def read_points(path, names):
-    """A run's points.csv -> {image index: (ys, xs, classes)}, the index into `names`."""
+    """A run's points.csv (clicks.write_points') -> {image index: (ys, xs, classes)}, the index into
+    `names`."""
     by_image = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            by_image.setdefault(names.index(row["image"]), []).append(
-                (int(row["y"]), int(row["x"]), int(row["class"])))
+    for row in clicks.read_table(path)[0]:
+        point = int(row["y"]), int(row["x"]), int(row["class"])
+        by_image.setdefault(names.index(row["image"]), []).append(point)
     return {i: tuple(np.array(column) for column in zip(*rows)) for i, rows in by_image.items()}
 
 
