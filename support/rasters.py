@@ -256,7 +256,7 @@ def check_size(path, w, h, bands, itemsize):
     if w * h > MAX_MEGAPIXELS * 1e6:
         raise DataError(f"{path}: {w}x{h} pixels ({w * h / 1e6:.0f} MP) is past the limit of "
                         f"{MAX_MEGAPIXELS:g} MP for an image held in memory whole (training images, the "
-                        f"click page); to read it, set MAX_MEGAPIXELS={w * h // 10**6 + 1}")
+                        f"click page, a picture's map); to read it, set MAX_MEGAPIXELS={w * h // 10**6 + 1}")
     stored, size = w * h * bands * itemsize, file_size(path)
     if size and stored > 3000 * size:  # deflate packs 1032 bytes in one at best, LZW about 2700, JPEG fewer
         raise DataError(f"{path}: damaged or hostile header: {w}x{h} pixels of {bands} band(s) cannot come "

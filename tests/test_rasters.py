@@ -235,6 +235,9 @@ def test_damaged_or_hostile_headers_are_one_line_and_the_other_images_are_mapped
     said = capsys.readouterr().out.splitlines()
     for name in bombs:
         assert sum(line.startswith(f"skipped: {tmp_path / name}: ") for line in said) == 1
+    refused = [f"{tmp_path / 'bomb.png'}: damaged or hostile header",  # before a mask of that size is made
+               f"{tmp_path / 'hostile_100000x100000.tif'}: 100000x100000 pixels (10000 MP) is past the limit"]
+    assert all(any(line.startswith(f"skipped: {r}") for line in said) for r in refused)
     assert sorted(p.name for p in out.glob("*_mask.*")) == ["good_mask.png", "good_mask.qml"]
     with pytest.raises(DataError, match="bomb.png: damaged or hostile header: 40000x40000 pixels of 1 band"):
         rasters.read_scene(tmp_path / "bomb.png")  # what must be held whole is checked before it is read
