@@ -103,7 +103,7 @@ def label_as_a_person(args, truth, names):
     """label.py started with `args`, its clicks made as a person would: new clicks on each image, the
     class of each suggestion, the class of each sample point (the last in the file, as a spreadsheet)."""
     server = label.serve(label.get_args(args + ["--port", "0"]))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown: 50 ms
     try:
         labels, file = server.labels, server.labels.file
         rows = list(csv.DictReader(open(file))) if file.exists() else []

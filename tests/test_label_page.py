@@ -28,7 +28,7 @@ from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
 def serving(*args):
     """label.py with these arguments serving in a thread -> (base address, server)."""
     server = label.serve(label.get_args([*map(str, args), "--port", "0"]))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown: 50 ms
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", server
     finally:
@@ -548,7 +548,7 @@ def test_label_page_in_a_browser_saves_its_own_clicks_only(chromium, label_serve
             self.wfile.write(page)
 
     other = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
     tab = chromium.new_page()
     tab.goto(f"http://127.0.0.1:{other.server_address[1]}/")
     tab.wait_for_url(base + "/change")  # the form was sent, after the fetch
