@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, TiffImagePlugin
+from torchvision.models import resnet34
+from torchvision.models.resnet import BasicBlock, ResNet
 
+import resnet_unet
 import train
 from support import layout, rasters, synthetic
 
@@ -28,6 +31,32 @@ for name in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]:
 
 
 COLOURS = [(226, 169, 41), (132, 41, 246), (110, 193, 228)]  # a 3-class palette for handmade data sets
+
+
+def resnet10(weights=None):
+    """ResNet-34 with one block per stage instead of 3, 4, 6, 3: the same stages, channels and names."""
+    return ResNet(BasicBlock, [1, 1, 1, 1])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "resnet34: the test builds the lesson's ResNet-34 encoder itself")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_encoder():
+    """The tests train the U-Net on ResNet-10, a third of ResNet-34's weights: every line of the method,
+    the runs and the maps is run as it is, and the whole suite takes three fifths of the time. The tests
+    of the network itself are marked resnet34, as are those that run train.py in a process of its own
+    beside one in this process (a checkpoint is read by the network that wrote it)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(resnet_unet, "resnet34", resnet10)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def lesson_encoder(request, monkeypatch):
+    if request.node.get_closest_marker("resnet34"):
+        monkeypatch.setattr(resnet_unet, "resnet34", resnet34)
 
 
 @pytest.fixture(scope="session")

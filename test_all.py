@@ -1,7 +1,8 @@
 """The method's tests, in the README's reading order: data, loss, network, loop, whole images and scores.
 Each computes something two ways, or checks a property that must hold. `pytest test_all.py` runs these;
 `pytest` runs these and tests/ (files, runs, the click page, accuracy). Set AERIAL_DATA to a data set to add
-a real-data run."""
+a real-data run. The U-Net is trained here on a ResNet-10 encoder, for speed (conftest.py), except in the
+tests marked resnet34."""
 import copy
 import json
 import math
@@ -124,6 +125,7 @@ def test_balanced_class_weights():
 # ---------------------------------------------------------------------- the network: resnet_unet.py, model.py
 
 
+@pytest.mark.resnet34
 def test_shapes_for_odd_sizes_and_parameter_count():
     model = ResNetUNet(6).eval()
     with torch.no_grad():
@@ -133,6 +135,7 @@ def test_shapes_for_odd_sizes_and_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 24_437_094
 
 
+@pytest.mark.resnet34
 def test_the_decoder_takes_each_skip_at_its_own_scale():
     """The forward against the U-Net written out again here: encoder stages, then each decoder stage
     upsampled to its skip (1/16, 1/8, 1/4, 1/2) and concatenated with it, then full resolution."""
@@ -153,6 +156,7 @@ def test_the_decoder_takes_each_skip_at_its_own_scale():
         assert torch.equal(net(x), net.head(y))
 
 
+@pytest.mark.resnet34
 def test_weights_from_a_path_and_from_the_torch_hub_cache(tmp_path, monkeypatch, capsys):
     import torchvision
     from torchvision.models import ResNet34_Weights
@@ -185,6 +189,7 @@ def test_weights_from_a_path_and_from_the_torch_hub_cache(tmp_path, monkeypatch,
         build_model(6, str(tmp_path / "other.pth"))
 
 
+@pytest.mark.resnet34
 def test_imagenet_filters_are_carried_over_to_any_number_of_bands(tmp_path):
     state = torchvision.models.resnet34(weights=None).state_dict()
     torch.save(state, tmp_path / "r34.pth")
@@ -517,6 +522,7 @@ def test_predict_writes_masks_overlays_and_scores(tiny, tiny_run, tmp_path, caps
 # ------------------------------------------------------------------------------- real data (AERIAL_DATA=path)
 
 
+@pytest.mark.resnet34
 @pytest.mark.skipif(not os.environ.get("AERIAL_DATA"), reason="AERIAL_DATA names a Kaggle-layout data set")
 def test_real_data_two_images_of_a_small_tile(tmp_path):
     real = Path(os.environ["AERIAL_DATA"])

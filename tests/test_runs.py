@@ -224,6 +224,7 @@ def wait_for_epochs(run, n, proc, timeout=120):
     raise AssertionError(f"no epoch {n} within {timeout}s: " + proc.communicate()[0])
 
 
+@pytest.mark.resnet34
 def test_kill_9_then_resume_gives_the_same_loss_table(tiny, tmp_path, capsys):
     args = tiny_args(tiny, tmp_path / "killed", "--epochs", "2")
     proc = start_script("train.py", *args)
