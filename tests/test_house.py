@@ -2,6 +2,7 @@
 import ast
 import csv
 import json
+import re
 import shlex
 import threading
 
@@ -60,6 +61,12 @@ def test_imports_go_one_way_commands_then_lesson_then_support():
         visit(m)
     top = {p.name for p in HERE.iterdir() if p.suffix == ".py"}
     assert top == {f"{m}.py" for m in LESSON | COMMANDS} | {"test_all.py", "conftest.py"}  # the card's files
+
+
+def test_the_readme_gives_each_lesson_file_its_line_count():
+    rows = re.findall(r"^\| \d \| `(\w+\.py)` \| (\d+) \|", (HERE / "README.md").read_text(), re.M)
+    assert {f"{m}.py" for m in LESSON} == {name for name, _ in rows}
+    assert all(len((HERE / name).read_text().splitlines()) == int(n) for name, n in rows), rows
 
 
 def loop_commands():
