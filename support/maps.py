@@ -97,8 +97,8 @@ def map_scene(logits_of, meta, path, stem, bands=None, show=None, least_sure=Non
         except DataError as e:
             raise DataError(f"{path}: {e}")
         geo, names, colours = scene["geo"], meta["classes"], meta["colours"]
-        if geo is None:  # a picture's mask is made whole in memory: its header is checked before that
-            rasters.check_size(path, w, h, n, scene["itemsize"])
+        if geo is None:  # a picture's mask is made whole in memory (a byte a pixel): its header is checked
+            rasters.check_size(path, w, h, n, scene["itemsize"], held=1)
         step = max(1, math.ceil(math.sqrt(h * w / OVERLAY)))  # the overlay's: every step-th row and column
         small = {"samples": [], "pred": [], "valid": []}  # the overlay's, block by block
         counts, m2, found, empty = np.zeros(len(names), np.int64), np.zeros(len(names)), [], 0

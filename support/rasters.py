@@ -247,10 +247,11 @@ def describe_tiff(tags):
     return "" if plain else f"{geo} of {n} {kind}{bits} band(s)" + ", the last no alpha" * other
 
 
-def check_size(path, w, h, bands, itemsize):
+def check_size(path, w, h, bands, itemsize, held=None):
     """Refuse, before anything is read whole, a size past MAX_MEGAPIXELS, more pixels than the file's
     bytes can hold, or more than the memory this machine has free: a damaged or hostile header claims
-    billions of pixels in a few bytes."""
+    billions of pixels in a few bytes. held: the bytes a pixel takes in memory (default: the image read
+    whole, a copy, and the map's arrays)."""
     if min(w, h, bands) < 1:
         raise DataError(f"{path}: its header says {w}x{h} pixels of {bands} band(s): no pixels to read")
     if w * h > MAX_MEGAPIXELS * 1e6:
@@ -261,7 +262,7 @@ def check_size(path, w, h, bands, itemsize):
     if size and stored > 3000 * size:  # deflate packs 1032 bytes in one at best, LZW about 2700, JPEG fewer
         raise DataError(f"{path}: damaged or hostile header: {w}x{h} pixels of {bands} band(s) cannot come "
                         f"out of {size} bytes")
-    need = w * h * (2 * bands * itemsize + 12)  # decoded, a copy, then the map's arrays
+    need = w * h * (held or 2 * bands * itemsize + 12)  # decoded, a copy, then the map's arrays
     free = free_memory()
     if free is not None and need > free:
         raise DataError(f"{path}: {w}x{h} pixels of {bands} band(s) need about {need / 1e6:,.0f} MB of "
