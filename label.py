@@ -3,15 +3,14 @@ saved at once; with a checkpoint, the model's map over the image and where it su
 
     python label.py DIR --labels clicks.csv [--classes Water,Land,Road] [--ckpt runs/x/ckpt.pt] [--port 8000]
 
-The page is label.html with its script, label.js. This server gives it the images of DIR (large ones
-downsampled), the clicks, and writes the clicks file whole after each change: a temporary file, then a
-rename; a file changed on disk since it was read is read again first. A stroke is consecutive rows
-sharing a number in a 'stroke' column. A clicks file with a 'sample' column (assess.py's) opens in blind
-mode: its points one by one, never the map, no stroke.
+The page is support/label.html with its script, label.js; support/label_server.py answers its requests.
+The server gives it the images of DIR (large ones downsampled), the clicks, and writes the clicks file
+whole after each change: a temporary file, then a rename; a file changed on disk since it was read is read
+again first. A stroke is consecutive rows sharing a number in a 'stroke' column. A clicks file with a
+'sample' column (assess.py's) opens in blind mode: its points one by one, never the map, no stroke.
 """
 import argparse
 import csv
-import errno
 import io
 import itertools
 import json
@@ -20,7 +19,7 @@ import sys
 import threading
 from collections import namedtuple
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,12 @@ from PIL import Image
 
 import predict
 from model import load_checkpoint
-from support import label_file, label_guard, layout, maps, rasters
+from support import label_file, label_server, layout, maps, rasters
 from support.bands import display, input_plan, model_input
 from support.cli import DataError, band_list, check_writable, command_line
 from support.label_file import as_written, number, read_points, write_back
 from support.speed import fold_batch_norm, fold_upsampling, pick_dtype
 
-PAGE = Path(__file__).parent / "support" / "label.html"
-SCRIPT = PAGE.with_suffix(".js")  # the page's script, a file of its own: the policy below runs no inline one
-# what the page may do (Content-Security-Policy): run this server's script and nothing else (no inline
-# script or handler, so a name that reached the page as HTML would run nothing), talk to this server only,
-# and never show inside another site's page
-POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' data:; "
-          "style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SHOWN = 2048  # longest side of an image as the page shows it; clicks still land on full-image pixels
 VERTICES = 10_000  # most vertices of one stroke: 20,000 image pixels long at one every 2 pixels
 # a row of the clicks file: image name, x, y, class name ('' for none yet), stroke and sample numbers (or
@@ -308,91 +300,6 @@ def read_classes(given, root, file, written):
     return (*found, None) if found else (names, layout.default_colours(names), None)
 
 
-class Handler(BaseHTTPRequestHandler):
-    """GET /, /label.js, /state, /image/I, /map/I, /suggestions/I; POST /change, from this server's page
-    only (else a 403). No such page: 404, a bad request: 400, an image that cannot be read or held in
-    memory: 422, a file on disk that is no longer readable: 409, a change the disk refuses: 507; one log
-    line each."""
-    timeout = 60  # a client that stops sending mid-request frees its thread
-
-    def do_GET(self):
-        labels, parts = self.server.labels, self.path.split("?")[0].strip("/").split("/")
-        if not self.accepted(write=False):
-            return
-        i = number(parts[1]) if len(parts) == 2 else None
-        known = i is not None and i < len(labels.files)
-        try:
-            if parts == [""]:
-                return self.reply(PAGE.read_bytes(), "text/html; charset=utf-8")
-            if parts == ["label.js"]:
-                return self.reply(SCRIPT.read_bytes(), "text/javascript; charset=utf-8")
-            if parts == ["state"]:
-                return self.reply(json.dumps(labels.state()).encode(), "application/json")
-            if parts[0] == "image" and known:
-                return self.reply(labels.shown(i), "image/jpeg")
-            if parts[0] in ("map", "suggestions") and known and labels.model:
-                picture, hints = labels.mapped(i)
-                return self.reply(picture, "image/png") if parts[0] == "map" else \
-                    self.reply(json.dumps(hints).encode(), "application/json")
-        except DataError as e:  # an image of the folder that cannot be read
-            return self.send_error(422, str(e))
-        except MemoryError:  # a header that declares more pixels than this machine holds: this image only
-            (w, h), _ = labels.info[labels.files[i][0]] if known else ((0, 0), None)
-            where = labels.files[i][1] if known else self.path
-            return self.send_error(422, f"{where}: {w}x{h} pixels, more than the memory free")
-        self.send_error(404, "no such page or image")
-
-    def do_POST(self):
-        if not self.accepted(write=True):
-            return
-        if self.path != "/change":
-            return self.send_error(404, "no such page")
-        length, refused = label_guard.body_length(self.headers)
-        if refused:
-            return self.send_error(*refused)
-        body = self.rfile.read(length)
-        try:
-            saved = self.server.labels.change(json.loads(body))
-        except (ValueError, KeyError, TypeError, RecursionError) as e:  # not JSON, or not a click here
-            return self.send_error(400, f"bad change: {e}")
-        except DataError as e:  # the clicks file, changed on disk, or the image no longer readable
-            return self.send_error(409, f"not saved: {e}")
-        except OSError as e:  # a full disk: nothing changed, in the file or in memory
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            return self.send_error(507 if full else 500, f"not saved: {e.strerror or e}")
-        self.reply(json.dumps(saved).encode(), "application/json")
-
-    def accepted(self, write):
-        """-> whether this server takes the request; if not, its 4xx is sent."""
-        if not self.path.isascii():
-            self.send_error(400, "the path is not ASCII")
-            return False
-        why = label_guard.refusal(self.headers, self.server, write)
-        if why:
-            self.send_error(403, f"refused: {why}")
-        return why is None
-
-    def end_headers(self):  # every answer, an error page too, carries the page's policy
-        self.send_header("Content-Security-Policy", POLICY)
-        super().end_headers()
-
-    def reply(self, body, kind):
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def send_error(self, code, message=None, explain=None):  # a reason phrase is Latin-1: keep it ASCII
-        super().send_error(code, message.encode("ascii", "backslashreplace").decode(), explain)
-
-    def log_error(self, format, *args):  # send_error's reason: said on the request's own line below
-        self.reason = format % args
-
-    def log_request(self, code="-", size="-"):
-        self.log_message('"%s" %s %s', self.requestline, code, getattr(self, "reason", ""))
-
-
 def serve(args):
     """-> the server, listening (not yet serving): main() runs it, tests start it in a thread."""
     if args.suggest < 0:
@@ -405,7 +312,7 @@ def serve(args):
     labels = Labels(args.dir, file, args.classes, args.ckpt, args.suggest, show)
     check_writable(file.parent, "--labels")
     try:
-        server = ThreadingHTTPServer((args.host, args.port), Handler)
+        server = ThreadingHTTPServer((args.host, args.port), label_server.Handler)
     except (OSError, OverflowError) as e:  # in use, no such address, a port past 65535
         raise DataError(f"--host {args.host} --port {args.port}: cannot listen there ({e})")
     file.parent.mkdir(parents=True, exist_ok=True)  # every input checked
@@ -416,7 +323,7 @@ def serve(args):
             json.dump({"classes": classes}, f, indent=1)
         print(f"classes {', '.join(labels.names)} (keys 1 to {len(labels.names)}) -> {labels.new}")
     server.labels = labels
-    if not label_guard.listen_on(server, args.host, secrets.token_urlsafe()):  # a new token each start
+    if not label_server.listen_on(server, args.host, secrets.token_urlsafe()):  # a new token each start
         print(f"warning: --host {args.host}: anyone who can reach port {server.server_address[1]} can read "
               "the images and, with the token, write clicks")
     server.handle_error = lambda request, address: print(f"error: {sys.exc_info()[1]!r}", file=sys.stderr)

@@ -19,8 +19,9 @@ from PIL import Image
 
 import label
 import train
-from support import clicks, label_file, label_guard, layout, maps, rasters
+from support import clicks, label_file, layout, maps, rasters
 from support.cli import DataError
+from support.label_server import ours
 from tools.figures import BROWSER_FLAGS, open_label_page, screenshot
 
 
@@ -195,7 +196,7 @@ def test_label_server_takes_changes_only_from_its_own_page(label_server, capsys)
     assert capsys.readouterr().out == f"warning: --host 0.0.0.0: anyone who can reach port {port} can read " \
         "the images and, with the token, write clicks\n"
     addresses = [f"10.1.2.3:{port}", f"localhost:{port}", f"evil.example:{port}", f"10.1.2.3:{port + 1}"]
-    assert [label_guard.ours(a, everywhere) for a in addresses] == [True, True, False, False]
+    assert [ours(a, everywhere) for a in addresses] == [True, True, False, False]
     everywhere.server_close()
 
 
