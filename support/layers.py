@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support import rasters, shapes
+from support import geotiffs, rasters, shapes
 from support.cli import DataError
 from support.rasters import GIS, LONLAT
 
@@ -185,7 +185,7 @@ def inside(polygons, geo, rows, cols):
     from rasterio.features import geometry_mask
     from rasterio.transform import Affine
 
-    transform = rasters.affine(geo) @ Affine.translation(cols[0], rows[0])
+    transform = geotiffs.affine(geo) @ Affine.translation(cols[0], rows[0])
     return geometry_mask(polygons, (rows[1] - rows[0], cols[1] - cols[0]), transform, invert=True)
 
 

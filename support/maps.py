@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from support import IGNORE, clicks, layers, polygons, rasters, styles
+from support import IGNORE, clicks, geotiffs, layers, polygons, rasters, styles
 from support.bands import display, input_plan, model_input
 from support.cli import DataError, check_writable, written
 
@@ -202,12 +202,12 @@ def mask_file(stem, size, geo, names, colours):
         styles.mask_style(path.with_suffix(".qml"), names, colours)
         return
     path = Path(f"{stem}_mask.tif")
-    with written(path) as tmp, rasters.geotiff(tmp, size, geo, "uint8", nodata=IGNORE) as ds:
+    with written(path) as tmp, geotiffs.create(tmp, size, geo, "uint8", nodata=IGNORE) as ds:
         ds.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colours)} | {IGNORE: (0, 0, 0, 0)})
-        yield (lambda rows, cols, block: ds.write(block, 1, window=rasters.window(rows, cols))), path
-        rasters.overviews(ds, "nearest")
+        yield (lambda rows, cols, block: ds.write(block, 1, window=geotiffs.window(rows, cols))), path
+        geotiffs.overviews(ds, "nearest")
     with written(Path(f"{path}.aux.xml")) as tmp:
-        rasters.category_names(tmp, names)
+        geotiffs.category_names(tmp, names)
     styles.mask_style(path.with_suffix(".qml"), names, colours)
 
 
@@ -220,9 +220,9 @@ def margin_file(stem, size, geo, wanted):
         yield None, None
         return
     path = Path(f"{stem}_margin.tif")
-    with written(path) as tmp, rasters.geotiff(tmp, size, geo, "float32", nodata=np.nan) as ds:
-        yield (lambda rows, cols, block: ds.write(block, 1, window=rasters.window(rows, cols))), path
-        rasters.overviews(ds, "average")
+    with written(path) as tmp, geotiffs.create(tmp, size, geo, "float32", nodata=np.nan) as ds:
+        yield (lambda rows, cols, block: ds.write(block, 1, window=geotiffs.window(rows, cols))), path
+        geotiffs.overviews(ds, "average")
 
 
 def write_mask(pred, stem, geo, names, colours):
@@ -268,13 +268,13 @@ def write_overlay(small, size, step, colours, stem, geo):
         path = Path(f"{stem}_overlay.jpg")
         with written(path) as tmp:
             Image.fromarray(blend).save(tmp, quality=90)
-        write_world(path.with_suffix(".jgw"), geo and rasters.coarser(geo, step))
+        write_world(path.with_suffix(".jgw"), geo and geotiffs.coarser(geo, step))
         return path
     path = Path(f"{stem}_overlay.tif")
-    with written(path) as tmp, rasters.geotiff(tmp, size, rasters.coarser(geo, step), "uint8", bands=3,
+    with written(path) as tmp, geotiffs.create(tmp, size, geotiffs.coarser(geo, step), "uint8", bands=3,
                                                compress="jpeg", photometric="ycbcr") as ds:
         ds.write(np.moveaxis(blend, -1, 0))
-        rasters.overviews(ds, "average")
+        geotiffs.overviews(ds, "average")
     return path
 
 

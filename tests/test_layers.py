@@ -15,7 +15,7 @@ import data
 import predict
 import train
 from conftest import FIXTURES, geotiff_tags, needs_ogr, save_geotiff, tiny_args
-from support import clicks, layers, layout, maps, polygons, rasters
+from support import clicks, geotiffs, layers, layout, maps, polygons, rasters
 from support.cli import DataError, command_line
 
 LAYERS = FIXTURES / "layers"  # written by make_layers.sh
@@ -152,7 +152,7 @@ def test_polygons_follow_pixel_edges_keep_holes_add_up_to_the_areas_and_sieve_sm
     assert polygons.min_pixels(4, geo) == 16 and polygons.min_pixels(1e4, geo) == 40000
     _, _, m2 = polygons.regions(maps.write_mask(pred, tmp_path / "scene", geo, names, colours), geo)
     large = rasterize([(p, 1) for p, a in zip(shapes, m2) if a >= 4], pred.shape,
-                      transform=rasters.affine(geo))
+                      transform=geotiffs.affine(geo))
     sieved = polygons.sieve(pred.copy(), 16)
     assert np.array_equal(sieved == data.IGNORE, pred == data.IGNORE)  # no data stays no data
     assert np.array_equal(sieved[large == 1], pred[large == 1]) and (sieved != pred).sum() > 100
