@@ -394,7 +394,12 @@ def test_label_server_saves_a_click_without_going_through_every_row(label_server
         saved = labels.change(road | {"version": labels.version})
         took.append(time.perf_counter() - start)
         assert saved["clicks"] == [road]
-    assert sorted(took)[2] < 0.02, took
+    reading = []  # the time of going through every row once, csv's C reader, on this machine as loaded now
+    for _ in range(3):
+        start = time.perf_counter()
+        list(csv.DictReader(big.open()))
+        reading.append(time.perf_counter() - start)
+    assert sorted(took)[2] < min(reading) / 4, (took, reading)
     text = big.read_text().splitlines()
     assert len(text) == 50_006 and text[-1] == "sub/wide.png,4,0,Road" and text[1] == "square.jpg,0,0,Water"
     monkeypatch.setattr(label_file, "ROWS", 10_000)  # past the limit: one line saying what to do
