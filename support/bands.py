@@ -74,6 +74,11 @@ def model_input(samples, valid, plan):
     return fill_no_data(picked, valid, no_data_value(norm))
 
 
+def band_spread(norm):
+    """Each band's spread in the samples' own units: 4 standard deviations, the range of 8-bit bands."""
+    return 4 * (np.array(STD) * 255 if norm == "imagenet" else np.array(norm["std"]))
+
+
 def no_data_value(norm):
     """The sample values that `norm` turns into 0: the data set's average pixel."""
     return np.array(MEAN) * 255 if norm == "imagenet" else np.array(norm["mean"])
