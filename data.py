@@ -56,7 +56,7 @@ def point_masks(points, shapes):
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Grid patches of in-memory images -> (image (P, P, 3) uint8, labels (P, P) uint8, index).
+    """Grid patches of in-memory images -> (image (P, P, bands), float32 once jittered, labels (P, P), index).
 
     Augmentation (a random flip and 90-degree rotation, the same for image and labels; with `jitter`,
     colour: each band times U(1 - jitter, 1 + jitter) plus U(-jitter, jitter) times its `spread`, in

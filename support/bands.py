@@ -75,7 +75,8 @@ def model_input(samples, valid, plan):
 
 
 def band_spread(norm):
-    """Each band's spread in the samples' own units: 4 standard deviations, the range of 8-bit bands."""
+    """Each band's spread in the samples' own units, for colour jitter: 4 standard deviations (about 230
+    for 8-bit RGB under ImageNet's statistics, nearly the whole 0-255)."""
     return 4 * (np.array(STD) * 255 if norm == "imagenet" else np.array(norm["std"]))
 
 
