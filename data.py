@@ -56,14 +56,15 @@ def point_masks(points, shapes):
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Grid patches of in-memory images -> (image (P, P, 3) uint8, labels (P, P) uint8, index).
+    """Grid patches of in-memory images -> (image (P, P, bands), float32 once jittered, labels (P, P), index).
 
-    Augmentation (a random flip and 90-degree rotation, the same for image and labels) is a
-    pure function of (seed, epoch, index), so any number of workers, processes or a resumed
-    run see exactly the same batches.
+    Augmentation (a random flip and 90-degree rotation, the same for image and labels; with `jitter`,
+    colour: each band times U(1 - jitter, 1 + jitter) plus U(-jitter, jitter) times its `spread`, in
+    sample units) is a pure function of (seed, epoch, index), so any number of workers, processes or a
+    resumed run see exactly the same batches.
     """
 
-    def __init__(self, images, labels, patch, augment=True, seed=0):
+    def __init__(self, images, labels, patch, augment=True, seed=0, jitter=0.0, spread=None):
         self.images, self.labels, self.patch = [], [], patch
         for im, lab in zip(images, labels):
             im, lab = pad_to(im, lab, patch)
@@ -76,7 +77,7 @@ class PatchDataset(torch.utils.data.Dataset):
             for x0 in grid(lab.shape[1], patch)
             if (lab[y0 : y0 + patch, x0 : x0 + patch] != IGNORE).any()
         ]
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed, self.epoch, self.jitter, self.spread = augment, seed, 0, jitter, spread
 
     def __len__(self):
         return len(self.items)
@@ -91,6 +92,10 @@ class PatchDataset(torch.utils.data.Dataset):
             image, labels = np.rot90(image, k), np.rot90(labels, k)
             if flip:
                 image, labels = image[:, ::-1], labels[:, ::-1]
+            if self.jitter:  # the light and the sensor of another image: each band's gain and offset
+                j, bands = self.jitter, image.shape[2]
+                gain, shift = rng.uniform(1 - j, 1 + j, bands), rng.uniform(-j, j, bands) * self.spread
+                image = (image * gain + shift).astype(np.float32)
         return torch.from_numpy(image.copy()), torch.from_numpy(labels.copy()), index
 
 

@@ -70,6 +70,26 @@ def test_augmentation_turns_labels_with_their_image_and_padding_has_no_label():
     assert np.array_equal(padded[40:44, :50], image[39:35:-1])  # mirrored, as np.pad's "symmetric"
 
 
+def test_colour_jitter_is_a_gain_and_offset_per_band_drawn_from_seed_epoch_and_index():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 4)).astype(np.uint8)
+    labels = rng.integers(0, 5, (64, 64)).astype(np.uint8)
+    plain = data.PatchDataset([image], [labels], 64, seed=3)
+    jittered = data.PatchDataset([image], [labels], 64, seed=3, jitter=0.1, spread=np.array([10, 20, 40, 80]))
+    fits = []
+    for epoch in range(6):
+        plain.epoch = jittered.epoch = epoch
+        (a, lab_a, _), (b, lab_b, _) = plain[0], jittered[0]
+        assert torch.equal(lab_a, lab_b) and torch.equal(b, jittered[0][0])  # the same turn, drawn alike
+        for band, spread in enumerate([10, 20, 40, 80]):
+            x, y = a[..., band].double().numpy().ravel(), b[..., band].double().numpy().ravel()
+            gain, shift = np.polyfit(x, y, 1)
+            assert np.abs(gain * x + shift - y).max() < 1e-3  # a straight line: nothing else done to it
+            assert 0.9 <= gain <= 1.1 and abs(shift) <= 0.1 * spread + 1e-3
+            fits.append(round(gain, 6))
+    assert len(set(fits)) == len(fits)  # each band of each epoch its own gain
+
+
 # ------------------------------------------------------------------------------------------ the loss: loss.py
 
 

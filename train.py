@@ -24,7 +24,7 @@ import predict
 from loss import partial_focal_ce
 from model import build_model
 from support import layout, maps, runs
-from support.bands import display, to_input
+from support.bands import band_spread, display, to_input
 from support.cli import DataError, band_list, command_line, written
 from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_dtype
 
@@ -222,7 +222,8 @@ def run(args, device, rank, world, out, ckpt):
     d = layout.run_data(args, root)
     layout.check_patch(args.patch, d["images"])
     labels, points = make_labels(args, d)
-    dataset = data.PatchDataset(d["images"], labels, args.patch, augment=True, seed=args.seed)
+    dataset = data.PatchDataset(d["images"], labels, args.patch, augment=True, seed=args.seed,
+                                jitter=args.jitter, spread=band_spread(d["norm"]))
     loader = make_loader(dataset, args, device, rank, world)
     n_labels = sum(int((lab != data.IGNORE).sum()) for lab in dataset.labels)
     n_dense = sum(dense for *_, dense in d["val"])
@@ -353,6 +354,8 @@ def get_args(argv=None):
     add("--gamma", type=float, default=2.0,
         help="focal loss exponent; 0 gives cross-entropy (default: %(default)s)")
     add("--alpha", type=float, default=0.25, help="focal loss factor (default: %(default)s)")
+    add("--jitter", type=float, default=0.05, help="colour augmentation: each band of a training patch "
+        "times 1 +- J, plus +- J of its range (4 standard deviations); 0: none (default: %(default)s)")
     add("--class-weights", default="balanced", choices=["balanced", "none"],
         help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")
     add("--patch", type=int, default=256, help="side of the square training patches, cut at native "
@@ -382,6 +385,7 @@ def get_args(argv=None):
         ("line_width", 0 < args.line_width < math.inf, "a number of pixels more than 0"),
         ("patch", args.patch >= 32 and args.patch % 32 == 0, "a multiple of 32 (the encoder's stride)"),
         ("ema", 0 <= args.ema < 1, "from 0 (off) to less than 1"),
+        ("jitter", 0 <= args.jitter < 1, "from 0 (none) to less than 1"),
         ("seed", 0 <= args.seed < 2**32, "from 0 to 2**32 - 1"),
         ("val_images", args.val_images is None or args.val_images >= 0, "0 (no validation) or more"),
     ]

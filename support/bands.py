@@ -74,6 +74,12 @@ def model_input(samples, valid, plan):
     return fill_no_data(picked, valid, no_data_value(norm))
 
 
+def band_spread(norm):
+    """Each band's spread in the samples' own units, for colour jitter: 4 standard deviations (about 230
+    for 8-bit RGB under ImageNet's statistics, nearly the whole 0-255)."""
+    return 4 * (np.array(STD) * 255 if norm == "imagenet" else np.array(norm["std"]))
+
+
 def no_data_value(norm):
     """The sample values that `norm` turns into 0: the data set's average pixel."""
     return np.array(MEAN) * 255 if norm == "imagenet" else np.array(norm["mean"])

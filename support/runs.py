@@ -25,7 +25,8 @@ OUTPUTS = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv",
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
 SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_width", "points", "train_tiles",
                   "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",
-                  "class_weights", "patch", "weights", "seed", "precision", "ema", "aoi"]
+                  "class_weights", "patch", "weights", "seed", "precision", "ema", "aoi", "jitter"]
+BEFORE = {"jitter": 0.0}  # what the code did before a flag existed, where the flag's default now differs
 
 
 def start_processes(device_name):
@@ -49,8 +50,8 @@ def run_folder(args, world, defaults):
     """with run_folder(...) as (out, ckpt): the run folder, held by this run while the block runs, and the
     checkpoint to resume or None. A folder that holds a run is refused without --resume or --overwrite,
     a folder another train.py is running in is refused, and the folder is tried for writing before long
-    work. A setting that a checkpoint lacks (it was written before the flag existed) counts as the
-    flag's default, which does what that older code did. A folder made here and left empty (an input
+    work. A setting that a checkpoint lacks (it was written before the flag existed) counts as what that
+    older code did: the flag's default, or its value in BEFORE. A folder made here and left empty (an input
     refused later) is removed again."""
     out = Path(args.out or time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
     args.out = str(out)
@@ -86,7 +87,7 @@ def resumed(out, args, defaults):
         raise DataError(f"{out}: no finished epoch to resume (no ckpt.pt); start over: --overwrite")
     settings = read_checkpoint(out / "ckpt.pt")["args"]  # mapped: a refused resume reads no weights
     for k in SAME_ON_RESUME:
-        was = settings.get(k, defaults[k])
+        was = settings.get(k, BEFORE.get(k, defaults[k]))
         if getattr(args, k) != was:
             flag = "--" + k.replace("_", "-")
             raise DataError(f"--resume: {flag} {getattr(args, k)} differs from the run's {was}")

@@ -173,7 +173,8 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(mini, tmp_path)
     with pytest.raises(DataError, match="already holds a run"):
         train.main(args)
     changed = [("--lr", "0.01"), ("--points", "7"), ("--seed", "3"), ("--batch-size", "2"), ("--gamma", "1"),
-               ("--val-tiles", "1"), ("--class-weights", "none"), ("--patch", "64"), ("--bands", "3,2,1")]
+               ("--val-tiles", "1"), ("--class-weights", "none"), ("--patch", "64"), ("--bands", "3,2,1"),
+               ("--jitter", "0.2")]
     for flag, value in changed:
         with pytest.raises(DataError, match=f"--resume: {flag} .* differs from the run's"):
             train.main(args + ["--resume", flag, value])
@@ -184,11 +185,13 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(mini, tmp_path)
     train.main(args + ["--epochs", "3", "--resume"])
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
     old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    del old["args"]["ema"]  # a run written before --ema existed: it ran without the average
+    del old["args"]["ema"], old["args"]["jitter"]  # a run written before these flags: no average, no jitter
     torch.save(old, tmp_path / "run" / "ckpt.pt")
     with pytest.raises(DataError, match="--resume: --ema 0.5 differs from the run's 0.0"):
         train.main(args + ["--epochs", "4", "--resume", "--ema", "0.5"])
-    train.main(args + ["--epochs", "4", "--resume"])
+    with pytest.raises(DataError, match="--resume: --jitter 0.05 differs from the run's 0.0"):
+        train.main(args + ["--epochs", "4", "--resume"])
+    train.main(args + ["--epochs", "4", "--resume", "--jitter", "0"])
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 4
 
 
