@@ -123,10 +123,10 @@ def read_areas(maps):
             images.setdefault((r["image"], r["mask"]), []).append(row)
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{path}: expected the columns image,class,pixels,share,hectares,mask of predict.py")
-    out = []
+    out, classes = [], None
     for (image, mask), rows in images.items():
         names, pixels, hectares = zip(*rows)
-        if out and list(names) != classes:
+        if classes is not None and list(names) != classes:
             raise DataError(f"{path}: {image} has other classes than {out[0][0]}")
         if not (Path(maps) / mask).exists():
             raise DataError(f"{Path(maps) / mask}: not found (the mask of {image} in {path})")
