@@ -271,7 +271,8 @@ def test_assess_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     handmade_maps(odd)
     areas = (odd / "areas.csv").read_text().rsplit(",Road,", 1)
     (odd / "areas.csv").write_text(",Lava,".join(areas))
-    refused(["sample", str(odd), "--size", "40"], "areas.csv: scenes/b.jpg has other classes than scenes/a.tif")
+    refused(["sample", str(odd), "--size", "40"],
+            "areas.csv: scenes/b.jpg has other classes than scenes/a.tif")
     refused(sample[:3] + ["20"] + sample[4:], r"--size 20: fewer than the minimum, 10 points for each of 3 "
             r"mapped classes \(30\)")
     refused(sample + ["--min-per-class", "1"], "--min-per-class 1: must be 2 or more")
