@@ -65,6 +65,8 @@ class PatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, labels, patch, augment=True, seed=0, jitter=0.0, spread=None):
+        if jitter and spread is None:
+            raise ValueError("jitter needs each band's spread (support.bands.band_spread)")
         self.images, self.labels, self.patch = [], [], patch
         for im, lab in zip(images, labels):
             im, lab = pad_to(im, lab, patch)

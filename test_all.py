@@ -88,6 +88,8 @@ def test_colour_jitter_is_a_gain_and_offset_per_band_drawn_from_seed_epoch_and_i
             assert 0.9 <= gain <= 1.1 and abs(shift) <= 0.1 * spread + 1e-3
             fits.append(round(gain, 6))
     assert len(set(fits)) == len(fits)  # each band of each epoch its own gain
+    with pytest.raises(ValueError, match="spread"):  # an offset needs the bands' units
+        data.PatchDataset([image], [labels], 64, jitter=0.1)
 
 
 # ------------------------------------------------------------------------------------------ the loss: loss.py

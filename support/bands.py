@@ -85,7 +85,6 @@ def no_data_value(norm):
     return np.array(MEAN) * 255 if norm == "imagenet" else np.array(norm["mean"])
 
 
-
 def display(samples, valid, show=None, low=2, high=98):
     """What a person is shown: three bands (`show`, counted from 1; by default 1,2,3, or band 1 as grey
     where there are fewer) as 8-bit RGB; other than 8-bit, each stretched between its percentiles `low`
