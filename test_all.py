@@ -92,6 +92,25 @@ def test_colour_jitter_is_a_gain_and_offset_per_band_drawn_from_seed_epoch_and_i
         data.PatchDataset([image], [labels], 64, jitter=0.1)
 
 
+def test_cutmix_pastes_a_box_of_the_next_patch_with_its_labels():
+    x = torch.rand(4, 3, 32, 32)
+    y = ((x[:, 0] * 1000).long() % 7).to(torch.uint8)  # each label a function of its pixel
+    assert torch.equal(train.cut_mix(x.clone(), y.clone(), 0.0, np.random.default_rng(0))[0], x)
+    shares = []
+    for seed in range(8):
+        mx, my = train.cut_mix(x.clone(), y.clone(), 1.0, np.random.default_rng(seed))
+        assert torch.equal(my, ((mx[:, 0] * 1000).long() % 7).to(torch.uint8))  # labels went with their pixels
+        for i in range(4):
+            rows, cols = torch.nonzero((mx[i] != x[i]).any(0), as_tuple=True)
+            if len(rows):
+                box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+                assert len(rows) == (box[0].stop - box[0].start) * (box[1].stop - box[1].start)  # one box
+                assert torch.equal(mx[i][:, box[0], box[1]], x[(i + 1) % 4][:, box[0], box[1]])  # the next patch
+            shares.append(len(rows) / 32**2)
+        assert torch.equal(mx, train.cut_mix(x.clone(), y.clone(), 1.0, np.random.default_rng(seed))[0])
+    assert min(shares) < 0.25 and max(shares) > 0.5
+
+
 # ------------------------------------------------------------------------------------------ the loss: loss.py
 
 

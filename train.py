@@ -45,6 +45,8 @@ def train_epoch(model, loader, optimizer, device, dtype, norm, args, epoch, clas
                 m.momentum = batch_norm_momentum(done, steps)
         x = to_input(images.to(device, non_blocking=True), norm)  # (B, bands, P, P) normalised
         y = labels.to(device, non_blocking=True)  # (B, P, P) class or IGNORE
+        if args.cutmix:
+            x, y = cut_mix(x, y, args.cutmix, np.random.default_rng([args.seed, epoch, step]))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)  # (B, C, P, P)
         loss = partial_focal_ce(logits, y, gamma=args.gamma, alpha=args.alpha, class_weights=class_weights)
@@ -64,6 +66,23 @@ def train_epoch(model, loader, optimizer, device, dtype, norm, args, epoch, clas
     if dist.is_initialized():  # the mean over every process's batches; patches/s of all together
         dist.all_reduce(total)
     return float(total[0] / total[1]), float(total[2])
+
+
+def cut_mix(x, y, p, rng):
+    """CutMix (Yun et al. 2019): each patch of the batch, with probability p, gets a box of the next
+    patch pasted in, image and labels alike, the box a share U(0, 1) of the patch. A pixel's
+    surroundings then often come from another image, so the network cannot lean on them alone
+    (measured in docs/results.md)."""
+    n, _, h, w = x.shape
+    x0, y0 = x.clone(), y.clone()
+    for i in range(n):
+        if n > 1 and rng.random() < p:
+            side = math.sqrt(rng.random())  # the box's side, as a share of the patch's
+            bh, bw = int(h * side), int(w * side)
+            r, c, j = rng.integers(h - bh + 1), rng.integers(w - bw + 1), (i + 1) % n
+            x[i, :, r : r + bh, c : c + bw] = x0[j, :, r : r + bh, c : c + bw]
+            y[i, r : r + bh, c : c + bw] = y0[j, r : r + bh, c : c + bw]
+    return x, y
 
 
 def get_lr(step, total_steps, peak, schedule):
@@ -355,6 +374,8 @@ def get_args(argv=None):
     add("--alpha", type=float, default=0.25, help="focal loss factor (default: %(default)s)")
     add("--jitter", type=float, default=0.05, help="colour augmentation: each band of a training patch "
         "times 1 +- J, plus +- J of its range (4 standard deviations); 0: none (default: %(default)s)")
+    add("--cutmix", type=float, default=0.0, help="the share of training patches that get a box of another "
+        "patch pasted in, with its labels (CutMix); 0: none (default: %(default)s)")
     add("--class-weights", default="balanced", choices=["balanced", "none"],
         help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")
     add("--patch", type=int, default=256, help="side of the square training patches, cut at native "
@@ -385,6 +406,7 @@ def get_args(argv=None):
         ("patch", args.patch >= 32 and args.patch % 32 == 0, "a multiple of 32 (the encoder's stride)"),
         ("ema", 0 <= args.ema < 1, "from 0 (off) to less than 1"),
         ("jitter", 0 <= args.jitter < 1, "from 0 (none) to less than 1"),
+        ("cutmix", 0 <= args.cutmix <= 1, "from 0 (none) to 1 (every patch)"),
         ("seed", 0 <= args.seed < 2**32, "from 0 to 2**32 - 1"),
         ("val_images", args.val_images is None or args.val_images >= 0, "0 (no validation) or more"),
     ]

@@ -25,7 +25,8 @@ OUTPUTS = ["ckpt.pt", "metrics.json", "classes.json", "panel.png", "points.csv",
 # settings a resumed run must share with the run it continues (the rest may change: epochs, device)
 SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_width", "points", "train_tiles",
                   "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",
-                  "class_weights", "patch", "weights", "seed", "precision", "ema", "aoi", "jitter"]
+                  "class_weights", "patch", "weights", "seed", "precision", "ema", "aoi", "jitter",
+                  "cutmix"]
 BEFORE = {"jitter": 0.0}  # what the code did before a flag existed, where the flag's default now differs
 
 

@@ -90,6 +90,7 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tiny, tiny_run, tmp_path, ca
         (train, ["--gamma", "-1"], "--gamma -1.0: must be 0"),
         (train, ["--epochs", "0"], "--epochs 0: must be 1 or more"),
         (train, ["--patch", "48"], "--patch 48: must be a multiple of 32"),
+        (train, ["--cutmix", "1.5"], "--cutmix 1.5: must be from 0"),
         (train, ["--patch", "4096"], "--patch 4096: larger than every training image (the largest is 96x96)"),
         (train, ["--out", blocked / "run", "--data", nowhere], f"--out {blocked / 'run'}: cannot be written"),
         (predict, ["--ckpt", ckpt, "x.jpg", "--out", blocked / "p"], f"--out {blocked / 'p'}: cannot be"),
@@ -174,7 +175,7 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(mini, tmp_path)
         train.main(args)
     changed = [("--lr", "0.01"), ("--points", "7"), ("--seed", "3"), ("--batch-size", "2"), ("--gamma", "1"),
                ("--val-tiles", "1"), ("--class-weights", "none"), ("--patch", "64"), ("--bands", "3,2,1"),
-               ("--jitter", "0.2")]
+               ("--jitter", "0.2"), ("--cutmix", "0.5")]
     for flag, value in changed:
         with pytest.raises(DataError, match=f"--resume: {flag} .* differs from the run's"):
             train.main(args + ["--resume", flag, value])
