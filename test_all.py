@@ -99,13 +99,13 @@ def test_cutmix_pastes_a_box_of_the_next_patch_with_its_labels():
     shares = []
     for seed in range(8):
         mx, my = train.cut_mix(x.clone(), y.clone(), 1.0, np.random.default_rng(seed))
-        assert torch.equal(my, ((mx[:, 0] * 1000).long() % 7).to(torch.uint8))  # labels went with their pixels
+        assert torch.equal(my, ((mx[:, 0] * 1000).long() % 7).to(torch.uint8))  # labels moved with pixels
         for i in range(4):
             rows, cols = torch.nonzero((mx[i] != x[i]).any(0), as_tuple=True)
             if len(rows):
                 box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
                 assert len(rows) == (box[0].stop - box[0].start) * (box[1].stop - box[1].start)  # one box
-                assert torch.equal(mx[i][:, box[0], box[1]], x[(i + 1) % 4][:, box[0], box[1]])  # the next patch
+                assert torch.equal(mx[i][:, box[0], box[1]], x[(i + 1) % 4][:, box[0], box[1]])  # the next's
             shares.append(len(rows) / 32**2)
         assert torch.equal(mx, train.cut_mix(x.clone(), y.clone(), 1.0, np.random.default_rng(seed))[0])
     assert min(shares) < 0.25 and max(shares) > 0.5
