@@ -374,7 +374,7 @@ def get_args(argv=None):
     add("--alpha", type=float, default=0.25, help="focal loss factor (default: %(default)s)")
     add("--jitter", type=float, default=0.05, help="colour augmentation: each band of a training patch "
         "times 1 +- J, plus +- J of its range (4 standard deviations); 0: none (default: %(default)s)")
-    add("--cutmix", type=float, default=0.0, help="the share of training patches that get a box of another "
+    add("--cutmix", type=float, default=1.0, help="the share of training patches that get a box of another "
         "patch pasted in, with its labels (CutMix); 0: none (default: %(default)s)")
     add("--class-weights", default="balanced", choices=["balanced", "none"],
         help="'balanced' weighs each class by 1/sqrt of its share of the labels (default: %(default)s)")

@@ -27,7 +27,7 @@ SAME_ON_RESUME = ["data", "point_labels", "class_field", "points_crs", "line_wid
                   "val_tiles", "val_images", "bands", "batch_size", "lr", "lr_schedule", "gamma", "alpha",
                   "class_weights", "patch", "weights", "seed", "precision", "ema", "aoi", "jitter",
                   "cutmix"]
-BEFORE = {"jitter": 0.0}  # what the code did before a flag existed, where the flag's default now differs
+BEFORE = {"jitter": 0.0, "cutmix": 0.0}  # what the code did before a flag existed, where its default differs
 
 
 def start_processes(device_name):

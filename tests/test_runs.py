@@ -186,13 +186,15 @@ def test_existing_runs_are_refused_unless_resumed_or_overwritten(mini, tmp_path)
     train.main(args + ["--epochs", "3", "--resume"])
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 3
     old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    del old["args"]["ema"], old["args"]["jitter"]  # a run written before these flags: no average, no jitter
+    del old["args"]["ema"], old["args"]["jitter"], old["args"]["cutmix"]  # written before these flags
     torch.save(old, tmp_path / "run" / "ckpt.pt")
     with pytest.raises(DataError, match="--resume: --ema 0.5 differs from the run's 0.0"):
         train.main(args + ["--epochs", "4", "--resume", "--ema", "0.5"])
     with pytest.raises(DataError, match="--resume: --jitter 0.05 differs from the run's 0.0"):
         train.main(args + ["--epochs", "4", "--resume"])
-    train.main(args + ["--epochs", "4", "--resume", "--jitter", "0"])
+    with pytest.raises(DataError, match="--resume: --cutmix 1.0 differs from the run's 0.0"):
+        train.main(args + ["--epochs", "4", "--resume", "--jitter", "0"])
+    train.main(args + ["--epochs", "4", "--resume", "--jitter", "0", "--cutmix", "0"])
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 4
 
 
