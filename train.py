@@ -26,7 +26,7 @@ from model import build_model
 from support import layout, maps, runs
 from support.bands import band_spread, display, to_input
 from support.cli import DataError, band_list, command_line, written
-from support.speed import fold_batch_norm, fold_upsampling, keep_freed_memory, pick_dtype
+from support.speed import choose_precision, fold_batch_norm, fold_upsampling, keep_freed_memory
 
 
 def train_epoch(model, loader, optimizer, device, dtype, norm, args, epoch, class_weights, ema=None):
@@ -58,7 +58,7 @@ def train_epoch(model, loader, optimizer, device, dtype, norm, args, epoch, clas
         pending.append((step, loss.detach(), index))  # read on the host only at progress lines: no sync
         seen += len(index)
         if step % max(10, steps // 5) == 0 or step == steps:  # about five progress lines an epoch
-            losses += finite_losses(pending, loader.dataset, epoch)
+            losses += runs.finite_losses(pending, loader.dataset, epoch)
             pending = []
             print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{steps}  loss {np.mean(losses):.4f}  "
                   f"{seen / (time.time() - t0):.1f} patches/s")
@@ -204,24 +204,6 @@ def epoch_line(epoch, args, loss, s, speed, seconds):
             f"train {train_s:.0f}s  val {val_s:.0f}s")
 
 
-class NonFiniteLoss(Exception):
-    """A loss that is no number: where, and the indices of the images its batch came from."""
-
-    def __init__(self, where, images):
-        super().__init__(where)
-        self.images = images
-
-
-def finite_losses(pending, dataset, epoch):
-    """[(step, loss tensor, patch indices)] -> the losses as numbers; a non-finite one stops the run."""
-    values = torch.stack([loss for _, loss, _ in pending]).tolist()  # one sync for them all
-    for (step, _, index), v in zip(pending, values):
-        if not math.isfinite(v):
-            images = sorted({dataset.items[i][0] for i in index.tolist()})
-            raise NonFiniteLoss(f"epoch {epoch + 1} step {step}: loss is {v}", images)
-    return values
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -292,7 +274,7 @@ def run(args, device, rank, world, out, ckpt):
     except KeyboardInterrupt:
         print(f"\ninterrupted; last checkpoint: {runs.last_checkpoint(out, history)}; continue with --resume")
         sys.exit(130)
-    except NonFiniteLoss as e:
+    except runs.NonFiniteLoss as e:
         images = ", ".join(d["names"][i] for i in e.images)
         print(f"stopped: {e}; the batch held patches of {images}; last good checkpoint: "
               f"{runs.last_checkpoint(out, history)}")
@@ -320,18 +302,6 @@ def make_loader(dataset, args, device, rank, world):
     # workers only on the GPU: on the CPU they would take cores from the model; they are started
     # anew each epoch so they see the dataset's new epoch (its augmentation)
     return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=4 * cuda, pin_memory=cuda)
-
-
-def choose_precision(args, ckpt, device, model, rank, world):
-    """The precision the resumed run used, else the flag's, else (auto) the faster on this machine,
-    timed by rank 0 for every process."""
-    if ckpt is not None and args.precision == "auto" and "precision" in ckpt:
-        print(f"precision: {ckpt['precision']}, as the run being resumed chose")
-        return {"fp32": torch.float32, "bf16": torch.bfloat16}[ckpt["precision"]]
-    dtype = [pick_dtype(args.precision, device, model, train=True, size=args.patch) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(dtype, src=0)
-    return dtype[0]
 
 
 def get_args(argv=None):

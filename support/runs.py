@@ -3,6 +3,7 @@ Nothing here is the method; train.py calls each piece in one line."""
 import errno
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -245,3 +246,21 @@ FIELDS = {
     "patch": (lambda v: isinstance(v, int), "a number of pixels"),
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
 }
+
+
+class NonFiniteLoss(Exception):
+    """A loss that is no number: where, and the indices of the images its batch came from."""
+
+    def __init__(self, where, images):
+        super().__init__(where)
+        self.images = images
+
+
+def finite_losses(pending, dataset, epoch):
+    """[(step, loss tensor, patch indices)] -> the losses as numbers; a non-finite one stops the run."""
+    values = torch.stack([loss for _, loss, _ in pending]).tolist()  # one sync for them all
+    for (step, _, index), v in zip(pending, values):
+        if not math.isfinite(v):
+            images = sorted({dataset.items[i][0] for i in index.tolist()})
+            raise NonFiniteLoss(f"epoch {epoch + 1} step {step}: loss is {v}", images)
+    return values

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from support.cli import DataError
@@ -85,6 +86,18 @@ def pick_dtype(name, device, model, train, size=256):
     print(f"precision: {what} of a {size}x{size} patch takes {fp32:.0f} ms in float32, {bf16:.0f} ms in "
           f"bfloat16: using {str(best)[6:]}")
     return best
+
+
+def choose_precision(args, ckpt, device, model, rank, world):
+    """The precision the resumed run used, else the flag's, else (auto) the faster on this machine,
+    timed by rank 0 for every process."""
+    if ckpt is not None and args.precision == "auto" and "precision" in ckpt:
+        print(f"precision: {ckpt['precision']}, as the run being resumed chose")
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[ckpt["precision"]]
+    dtype = [pick_dtype(args.precision, device, model, train=True, size=args.patch) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(dtype, src=0)
+    return dtype[0]
 
 
 def keep_freed_memory():
